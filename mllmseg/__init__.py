@@ -1,0 +1,30 @@
+"""mllmseg: Hugging Face Hub-native MLLMSeg (referring expression segmentation with an InternVL MLLM + DSFF)."""
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+from .remote_code.configuration_mllmseg import MLLMSegConfig
+from .remote_code.mask_decoder_mllmseg import DSFFMaskDecoder, count_mask_decoder_parameters
+from .remote_code.modeling_mllmseg import (
+    MLLMSegCausalLMOutputWithPast,
+    MLLMSegForConditionalGeneration,
+    MLLMSegPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+# Local registration: AutoModel & co. resolve "mllmseg" without trust_remote_code while this package is imported.
+AutoConfig.register("mllmseg", MLLMSegConfig, exist_ok=True)
+AutoModel.register(MLLMSegConfig, MLLMSegForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(MLLMSegConfig, MLLMSegForConditionalGeneration, exist_ok=True)
+# Remote-code registration: save_pretrained copies the remote_code files and writes `auto_map`, so the saved
+# folder loads with trust_remote_code=True where mllmseg is not installed.
+MLLMSegConfig.register_for_auto_class("AutoConfig")
+MLLMSegForConditionalGeneration.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "MLLMSegConfig",
+    "MLLMSegForConditionalGeneration",
+    "MLLMSegPreTrainedModel",
+    "MLLMSegCausalLMOutputWithPast",
+    "DSFFMaskDecoder",
+    "count_mask_decoder_parameters",
+]

@@ -1,0 +1,136 @@
+"""Tiny MLLMSeg models and a real tokenizer trained locally, for tests, benchmarks and the quickstart.
+
+Nothing here downloads anything: the tokenizer is a byte-level BPE trained with `tokenizers` on a small corpus of
+chat, prompt and referring-expression text, with the chat tokens, image tokens, `[SEG]` and `[REJ]` added.
+"""
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import InternVLVisionConfig, PreTrainedTokenizerFast
+
+from .remote_code.configuration_mllmseg import (
+    ADDED_TOKENS,
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_START_TOKEN,
+    REJ_TOKEN,
+    SEG_TOKEN,
+    MLLMSegConfig,
+)
+from .remote_code.modeling_mllmseg import MLLMSegForConditionalGeneration
+
+CHAT_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+# The InternVL2.5 chat format (SPEC section 3). The system turn is rendered by the processor.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "system user assistant You are a helpful assistant that segments what a sentence refers to.",
+    "What is {} in this image? Please output segmentation mask.",
+    "What are {} in this image? Please output segmentation masks.",
+    "Can you segment {} in this image? Please respond with segmentation masks.",
+    "Sure, it is [SEG]. Sure, they are [SEG], [SEG]. Sure, the segmentation result is [SEG]. [REJ]",
+    "the red green blue yellow purple orange white black gray pink brown cyan magenta colour color",
+    "circle square rectangle triangle ellipse star shape shapes object objects thing things",
+    "left right top bottom middle center leftmost rightmost topmost bottommost upper lower",
+    "big bigger biggest large larger largest small smaller smallest tiny huge",
+    "all both two three every one none no there is are a an the of in on at to and or with",
+    "man woman person people dog cat car bus chair table shirt",
+    "0 1 2 3 4 5 6 7 8 9 . , : ; ! ? ' \" ( ) [ ] { } - _ / \\",
+]
+
+
+def build_tiny_tokenizer(vocab_size: int = 512, with_seg_tokens: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (Qwen2-style: no BOS, `<|im_end|>` ends a turn) with MLLMSeg's tokens added.
+
+    `with_seg_tokens=False` leaves out `[SEG]` / `[REJ]`, like a base InternVL2.5 tokenizer.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(CHAT_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [line.replace("{}", "the red circle") for line in _CORPUS] * 4
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=[t for t in ADDED_TOKENS if with_seg_tokens or t not in (SEG_TOKEN, REJ_TOKEN)],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+    )
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def tiny_config(
+    tokenizer: PreTrainedTokenizerFast,
+    text_model_type: str = "qwen2",
+    image_size: int = 112,
+    patch_size: int = 14,
+    vision_width: int = 64,
+    text_width: int = 64,
+    vision_layers: int = 2,
+    text_layers: int = 2,
+    **overrides,
+) -> MLLMSegConfig:
+    """A small random MLLMSeg config whose token ids come from `tokenizer`.
+
+    `text_model_type` is any transformers causal LM type with the usual fields ("qwen2", "llama", ...).
+    """
+    heads = max(2, text_width // 16)
+    text_config = {
+        "model_type": text_model_type,
+        "vocab_size": len(tokenizer),
+        "hidden_size": text_width,
+        "intermediate_size": 2 * text_width,
+        "num_hidden_layers": text_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": None,
+    }
+    vision_config = InternVLVisionConfig(
+        hidden_size=vision_width,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=max(2, vision_width // 16),
+        intermediate_size=2 * vision_width,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    return MLLMSegConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=ids(IMG_CONTEXT_TOKEN),
+        image_start_token_id=ids(IMG_START_TOKEN),
+        image_end_token_id=ids(IMG_END_TOKEN),
+        seg_token_id=ids(SEG_TOKEN),
+        rej_token_id=ids(REJ_TOKEN),
+        tie_word_embeddings=False,
+        **overrides,
+    )
+
+
+def build_tiny_model(
+    tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0, **config_kwargs
+) -> tuple[MLLMSegForConditionalGeneration, PreTrainedTokenizerFast]:
+    """A random tiny model and its tokenizer, deterministic for a given seed."""
+    tokenizer = tokenizer or build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = MLLMSegForConditionalGeneration(tiny_config(tokenizer, **config_kwargs))
+    return model.eval(), tokenizer

@@ -1,0 +1,37 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mllmseg",
+    version="0.1.0",
+    description="Hugging Face Hub-native MLLMSeg: referring expression segmentation with an InternVL MLLM "
+    "and a light DSFF mask decoder.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mllmseg", "mllmseg.*"]),
+    include_package_data=True,
+    package_data={"mllmseg": ["recipes/*.yaml", "recipes/*.json", "hub_cards/*.md"]},
+    install_requires=[
+        # torch is deliberately unpinned here: install the build for your hardware first (see README).
+        "torch>=2.4",
+        "transformers>=5.23,<6",
+        "accelerate>=1.10",
+        "peft>=0.21",
+        "safetensors>=0.5",
+        "huggingface_hub>=1.0",
+        "datasets>=3.0",
+        "pillow>=10",
+        "numpy",
+        "pycocotools>=2.0.8",
+        "tokenizers>=0.21",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "scikit-image>=0.24"],
+        "deepspeed": ["deepspeed>=0.16"],
+        "flash": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["mllmseg=mllmseg.cli:main"]},
+)
