@@ -68,8 +68,9 @@ class MLLMSegConfig(InternVLConfig):
         super().__post_init__(**kwargs)
         # The number of LLM tokens per tile is a consequence of the vision config, never set by hand.
         self.image_seq_length = self.tokens_per_tile
+        self.check_mask_decoder()
 
-    def validate_mask_decoder(self):
+    def check_mask_decoder(self):
         """Raise a ValueError naming the field when the configuration cannot build a mask decoder."""
         if self.seg_tiling not in SEG_TILING_MODES:
             raise ValueError(f"seg_tiling must be one of {SEG_TILING_MODES}, got {self.seg_tiling!r}")

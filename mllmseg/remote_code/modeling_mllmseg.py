@@ -111,7 +111,7 @@ class MLLMSegForConditionalGeneration(MLLMSegPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MLLMSegConfig):
         super().__init__(config)
-        config.validate_mask_decoder()
+        config.check_mask_decoder()
         self.model = InternVLModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.mask_decoder = DSFFMaskDecoder(

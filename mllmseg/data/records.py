@@ -1,0 +1,105 @@
+"""The record every referring-segmentation loader yields.
+
+One :class:`ReferringSample` per image, holding one :class:`Referent` per expression. RES samples have one
+target per referent, GRES samples may have several (``mask`` is their union) or none (``no_target=True``,
+empty mask, ``box=None``); REC uses ``box``.
+
+Box convention: ``(x1, y1, x2, y2)`` in pixels, continuous coordinates (COCO ``[x, y, w, h]`` becomes
+``[x, y, x + w, y + h]``; a mask's box covers its pixels, so its right edge is ``max column + 1``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+Box = Tuple[float, float, float, float]
+
+
+@dataclass
+class Referent:
+    """One referring expression and its ground truth.
+
+    Attributes:
+        text: the expression.
+        mask: bool ``[H, W]`` at the image's original size; all False when ``no_target``.
+        box: xyxy box of the target (union box for several targets), ``None`` when ``no_target``.
+        no_target: True when the expression refers to nothing in the image (GRES).
+        ref_id: id of the ref (object description) the expression belongs to, when the source has one.
+        sent_id: id of the sentence, when the source has one.
+    """
+
+    text: str
+    mask: np.ndarray
+    box: Optional[Box]
+    no_target: bool = False
+    ref_id: Any = None
+    sent_id: Any = None
+
+
+@dataclass
+class ReferringSample:
+    """One image and the expressions that refer into it.
+
+    ``image`` is read on first access (through ``image_loader``) and converted to RGB, so that building a
+    sample for its masks alone, e.g. for evaluation bookkeeping, never opens the image file.
+
+    Attributes:
+        image_id: id of the image in its source.
+        height, width: original image size; every ``Referent.mask`` is ``[height, width]``.
+        referents: the expressions, in source order.
+        image_loader: zero-argument callable returning the image (any PIL mode).
+        image_path: where the image comes from, when it is a file (for error messages and logs).
+        split: the source split of the sample's expressions (``None`` when mixed or unknown).
+    """
+
+    image_id: Any
+    height: int
+    width: int
+    referents: List[Referent]
+    image_loader: Callable[[], Image.Image] = field(repr=False, compare=False, default=None)
+    image_path: Optional[str] = None
+    split: Optional[str] = None
+    _image: Optional[Image.Image] = field(init=False, repr=False, compare=False, default=None)
+
+    @property
+    def image(self) -> Image.Image:
+        """The RGB image, ``width x height`` (loaded once, then cached on the sample)."""
+        if self._image is None:
+            if self.image_loader is None:
+                raise ValueError(f"sample {self.image_id!r} has no image loader")
+            image = self.image_loader()
+            self._image = image if image.mode == "RGB" else image.convert("RGB")
+        return self._image
+
+    @classmethod
+    def from_image(cls, image_id: Any, image: Image.Image, referents: List[Referent], **kwargs) -> "ReferringSample":
+        """Build a sample around an image already in memory."""
+        return cls(image_id=image_id, height=image.height, width=image.width, referents=referents,
+                   image_loader=lambda: image, **kwargs)
+
+
+def xywh_to_xyxy(box: Sequence[float]) -> Box:
+    """COCO ``[x, y, w, h]`` -> ``(x, y, x + w, y + h)``."""
+    x, y, w, h = (float(v) for v in box)
+    return (x, y, x + w, y + h)
+
+
+def union_box(boxes: Sequence[Box]) -> Optional[Box]:
+    """Smallest xyxy box containing all ``boxes`` (``None`` for no boxes)."""
+    if len(boxes) == 0:
+        return None
+    arr = np.asarray(boxes, dtype=np.float64)
+    return (float(arr[:, 0].min()), float(arr[:, 1].min()), float(arr[:, 2].max()), float(arr[:, 3].max()))
+
+
+def mask_to_box(mask: np.ndarray) -> Optional[Box]:
+    """xyxy box covering the True pixels of a bool ``[H, W]`` mask (``None`` when empty)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
+

@@ -1,0 +1,511 @@
+# Copyright 2025 The mllmseg authors. Licensed under the Apache License, Version 2.0.
+"""Image processor for MLLMSeg (InternVL-style tiling, PIL/NumPy only).
+
+This file travels inside model checkpoints as Hugging Face remote code: it imports only the standard library,
+NumPy, PIL, torch and transformers (never the rest of the `mllmseg` package, and never torchvision).
+
+Two tiling modes:
+
+* ``"dynamic"``: the InternVL / model-card dynamic tiling. The image is resized (bicubic) to the tile grid whose
+  aspect ratio is closest to the image's (between ``min_tiles`` and ``max_tiles`` tiles), cut into tiles in row-major
+  order, and, when there is more than one tile, a thumbnail (the whole image resized to one tile) is appended.
+* ``"single"``: one bicubic square resize to one tile, no thumbnail. This is how the released MLLMSeg checkpoints
+  were trained and evaluated.
+
+Both modes then scale to [0, 1] and normalise with the ImageNet mean/std, giving float32 values bit-identical to
+the model-card reference (``dynamic_tiles`` + ``normalize``).
+
+Why not the stock ``GotOcr2ImageProcessorPil`` pipeline? With InternVL settings it cuts exactly the same tiles, and
+we reuse its grid choice (``get_optimal_tiled_canvas``) so the tiling decision is the transformers one. But its
+pipeline round-trips every tile numpy -> PIL -> numpy and normalises tile by tile in float64, which runs at about
+the reference's speed. Here the image is resized once with PIL (the same call, so the same uint8 pixels), the tiles
+are strided views of that one array, and one set of in-place float32 NumPy ops normalises all tiles of a call.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+from transformers.processing_utils import ImagesKwargs, Unpack
+from transformers.utils import TensorType
+
+
+try:  # torch is optional for this file: without it, use return_tensors="np".
+    import torch
+except ImportError:  # pragma: no cover - torch is always installed with mllmseg
+    torch = None
+
+
+__all__ = [
+    "ALPHA_BACKGROUND",
+    "TILING_MODES",
+    "ImageLoadError",
+    "ImageTooLargeError",
+    "MLLMSegImageProcessor",
+    "MLLMSegImageProcessorKwargs",
+    "load_image",
+    "to_rgb",
+]
+
+TILING_MODES = ("dynamic", "single")
+
+# Colour that transparent pixels are composited onto (white, as transformers' `convert_to_rgb` does).
+ALPHA_BACKGROUND = (255, 255, 255)
+
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class ImageLoadError(OSError, ValueError):
+    """An image file or object could not be read or converted to RGB.
+
+    Subclasses both `OSError` (what Pillow raises for unreadable files) and `ValueError` (bad input), so callers can
+    catch either. The message names the file when there is one.
+    """
+
+
+class ImageTooLargeError(ImageLoadError):
+    """The image has more pixels than Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`)."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading and RGB conversion
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _scale_16bit_to_8bit(values: np.ndarray) -> np.ndarray:
+    """Map 0..65535 to 0..255 by rounding v * 255 / 65535 (= v / 257); values outside the range are clipped first.
+
+    Pillow's own `convert("L")` from 16-bit modes clips everything above 255 to white, which destroys 16-bit images.
+    """
+    v = np.clip(values.astype(np.int64), 0, 65535)
+    # Integer round-half-up of v * 255 / 65535; exact ties cannot occur because 65535 = 255 * 257.
+    return ((v * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _composite_on_background(image: Image.Image) -> Image.Image:
+    """Alpha-composite onto `ALPHA_BACKGROUND` and drop the alpha channel."""
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def to_rgb(image: Image.Image, name: str | None = None) -> Image.Image:
+    """Convert a PIL image of any common mode to 8-bit RGB.
+
+    Rules:
+
+    * ``RGB``: returned unchanged (no copy).
+    * ``L``, ``1``, ``P`` (no transparency), ``CMYK``, ``YCbCr``, ``HSV``, ``RGBX``...: Pillow's ``convert("RGB")``.
+      For CMYK this is ``R = (255 - C) * (255 - K) / 255`` (same for G/M, B/Y); embedded ICC profiles are ignored.
+    * Images with transparency (``RGBA``, ``LA``, ``PA``, ``RGBa``, ``La``, ``P`` or ``L``/``RGB`` with a
+      ``transparency`` entry): alpha-composited onto white (``ALPHA_BACKGROUND``), then alpha is dropped. So
+      transparent pixels become white whatever colour they store, like transformers' ``convert_to_rgb``.
+      (The InternVL model card's ``convert("RGB")`` would instead show the stored colour, often black.)
+    * 16-bit (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``) and 32-bit integer ``I`` (how Pillow opens some 16-bit
+      PNG/TIFF files): scaled from 0..65535 to 0..255 (``round(v / 257)``, values outside clipped), not clipped at
+      255 as Pillow's ``convert`` does.
+    * ``F`` (32-bit float): Pillow's conversion, i.e. values on the 0..255 scale, clipped.
+
+    Args:
+        image (`PIL.Image.Image`): the image.
+        name (`str`, *optional*): file name used in error messages.
+
+    Returns:
+        `PIL.Image.Image` in mode ``RGB``, same size.
+    """
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    where = f" ({name})" if name else ""
+    try:
+        if mode in _ALPHA_MODES or "transparency" in image.info:
+            return _composite_on_background(image)
+        if mode in _SIXTEEN_BIT_MODES:
+            gray = _scale_16bit_to_8bit(np.asarray(image))
+            return Image.fromarray(gray, mode="L").convert("RGB")
+        if mode == "F":
+            return image.convert("L").convert("RGB")
+        return image.convert("RGB")
+    except Exception as err:  # Pillow raises ValueError/OSError for unsupported conversions
+        raise ImageLoadError(f"Cannot convert image of mode {mode!r}{where} to RGB: {err}") from err
+
+
+def _open_file(path: str) -> Image.Image:
+    """Open and fully decode an image file, turning every failure into an error that names the file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(2, "Image file not found", path)
+    try:
+        # Pillow warns between MAX_IMAGE_PIXELS and 2x and raises above 2x. Both mean "over the limit": treat the
+        # warning as an error so a 150 MP file fails up front instead of silently using gigabytes.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()  # decode now, inside the try, so truncated files fail here and name the file
+                return image
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageTooLargeError(
+            f"Image file {path!r} is over Pillow's decompression-bomb limit of "
+            f"PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS} pixels ({err}). If the file is trusted, raise "
+            "PIL.Image.MAX_IMAGE_PIXELS (or set it to None) before loading."
+        ) from err
+    except Exception as err:  # UnidentifiedImageError, truncated data, plugin errors (SyntaxError, struct.error...)
+        raise ImageLoadError(f"Cannot read image file {path!r}: {type(err).__name__}: {err}") from err
+
+
+def _array_to_pil(array: np.ndarray, channels_first: bool | None = None) -> Image.Image:
+    """Wrap an image array as a PIL image.
+
+    Accepted layouts: ``[H, W]`` (grayscale), ``[H, W, C]`` and, when ``channels_first`` (or when only the first axis
+    can be channels), ``[C, H, W]``, with C in {1, 3, 4} (4 = RGBA). Accepted dtypes: uint8; bool; uint16 (16-bit,
+    scaled to 8 bits); floats in [0, 1] (scaled by 255 and rounded); other integers already in 0..255.
+    """
+    if array.ndim == 3:
+        first, last = array.shape[0] in (1, 3, 4), array.shape[-1] in (1, 3, 4)
+        if channels_first is None:
+            channels_first = first and not last
+        if channels_first:
+            array = np.moveaxis(array, 0, -1)
+        if array.shape[-1] == 1:
+            array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ImageLoadError(
+            f"Expected an image array of shape [H, W], [H, W, C] or [C, H, W] with C in (1, 3, 4), got {array.shape}"
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageLoadError(f"Image array has an empty side: shape {array.shape}")
+
+    if array.dtype == np.uint8:
+        pass
+    elif array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype == np.uint16:
+        array = _scale_16bit_to_8bit(array)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
+            raise ImageLoadError(
+                f"Float image arrays must hold values in [0, 1]; got range [{array.min()}, {array.max()}]. "
+                "Pass uint8 arrays for 0..255 data."
+            )
+        array = np.rint(array.astype(np.float64) * 255.0).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.integer):
+        if array.min() < 0 or array.max() > 255:
+            raise ImageLoadError(
+                f"Integer image arrays of dtype {array.dtype} must hold values in 0..255 "
+                f"(got [{array.min()}, {array.max()}]); use uint16 for 16-bit data."
+            )
+        array = array.astype(np.uint8)
+    else:
+        raise ImageLoadError(f"Unsupported image array dtype {array.dtype}")
+
+    mode = "L" if array.ndim == 2 else {3: "RGB", 4: "RGBA"}[array.shape[-1]]
+    return Image.fromarray(np.ascontiguousarray(array), mode=mode)
+
+
+def load_image(image: Any, exif_transpose: bool = False) -> Image.Image:
+    """Load one image from any supported source and return it as an 8-bit RGB PIL image.
+
+    Args:
+        image: one of
+            - a file path (`str` or `os.PathLike`), or an ``http(s)://`` URL (fetched with transformers' loader);
+            - encoded file bytes (`bytes`);
+            - a `PIL.Image.Image` of any mode (see `to_rgb` for the conversion rules);
+            - a NumPy array ``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` (uint8, bool, uint16, or float in [0, 1]);
+            - a torch tensor, same rules (3-D tensors are read as ``[C, H, W]`` when the first axis is 1/3/4).
+        exif_transpose (`bool`, *optional*, defaults to `False`): apply the EXIF orientation tag. Off by default,
+            as in InternVL/MLLMSeg and COCO, whose annotations are in stored (un-rotated) pixel order.
+
+    Returns:
+        `PIL.Image.Image` in mode ``RGB``.
+
+    Raises:
+        FileNotFoundError: the path does not exist (the message names it).
+        ImageTooLargeError: the file is over ``PIL.Image.MAX_IMAGE_PIXELS`` (names the file and the limit).
+        ImageLoadError: unreadable/corrupt file (names the file), unsupported array or mode.
+    """
+    name = None
+    if isinstance(image, (str, os.PathLike)):
+        name = os.fspath(image)
+        if isinstance(name, str) and name.startswith(("http://", "https://")):
+            from transformers.image_utils import load_image as hf_load_image
+
+            image = hf_load_image(name)
+        else:
+            image = _open_file(name)
+    elif isinstance(image, (bytes, bytearray)):
+        name = "<bytes>"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(image))
+                image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise ImageTooLargeError(
+                f"Encoded image is over PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS} pixels ({err})"
+            ) from err
+        except Exception as err:
+            raise ImageLoadError(f"Cannot decode image bytes: {type(err).__name__}: {err}") from err
+    elif torch is not None and isinstance(image, torch.Tensor):
+        image = _array_to_pil(image.detach().cpu().numpy())
+    elif isinstance(image, np.ndarray):
+        image = _array_to_pil(image)
+    elif not isinstance(image, Image.Image):
+        raise TypeError(
+            f"Unsupported image type {type(image).__name__}: expected a path, bytes, PIL image, NumPy array or tensor"
+        )
+    if exif_transpose:
+        image = ImageOps.exif_transpose(image)
+    return to_rgb(image, name=name)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Exact, fast rescale
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=8)
+def _exact_rescale_divisor(rescale_factor: float) -> float | None:
+    """A float32 divisor ``d`` such that ``float32(v) / d`` equals transformers' rescale of every uint8 ``v``.
+
+    transformers rescales as ``float32(float64(v) * rescale_factor)``; the model-card reference computes
+    ``float32(v) / 255``. For 1/255 both agree on all 256 values, and a float32 division is ~1.7x cheaper than the
+    float64 round trip, so use it when (and only when) it is exact. All our inputs are uint8, so checking the 256
+    possible values is a proof, not a sample.
+    """
+    if rescale_factor == 0:
+        return None
+    values = np.arange(256, dtype=np.float32)
+    target = (values.astype(np.float64) * rescale_factor).astype(np.float32)
+    divisor = np.float32(round(1.0 / rescale_factor))
+    return float(divisor) if np.array_equal(values / divisor, target) else None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Image processor
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class MLLMSegImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    tiling (`str`, *optional*, defaults to `self.tiling`):
+        `"dynamic"` (InternVL tiling + thumbnail) or `"single"` (one square resize, no thumbnail).
+    min_tiles (`int`, *optional*, defaults to `self.min_tiles`):
+        Minimum number of grid tiles in dynamic mode (thumbnail not counted).
+    max_tiles (`int`, *optional*, defaults to `self.max_tiles`):
+        Maximum number of grid tiles in dynamic mode (thumbnail not counted).
+    use_thumbnail (`bool`, *optional*, defaults to `self.use_thumbnail`):
+        In dynamic mode, append a whole-image thumbnail tile when the grid has more than one tile.
+    """
+
+    tiling: str | None
+    min_tiles: int | None
+    max_tiles: int | None
+    use_thumbnail: bool | None
+
+
+class MLLMSegImageProcessor(PilBackend):
+    r"""
+    Image processor of MLLMSeg: InternVL dynamic tiling or a single square tile, bicubic, ImageNet mean/std.
+
+    Args:
+        tiling (`str`, *optional*, defaults to `"dynamic"`):
+            `"dynamic"`: InternVL / model-card tiling (grid of `min_tiles`..`max_tiles` tiles chosen by aspect ratio,
+            row-major, plus a thumbnail when there is more than one tile). `"single"`: one bicubic square resize to
+            the tile size and no thumbnail, as the released MLLMSeg checkpoints were trained and evaluated.
+        tile_size (`int`, *optional*):
+            Side of a square tile in pixels; must equal the vision model's `image_size` (448 for InternViT-300M-448px).
+            Shorthand for `size={"height": tile_size, "width": tile_size}`.
+        size (`dict[str, int]` or `int`, *optional*, defaults to `{"height": 448, "width": 448}`):
+            Tile size (the standard transformers name; `tile_size` wins if both are given).
+        min_tiles (`int`, *optional*, defaults to 1), max_tiles (`int`, *optional*, defaults to 12):
+            Bounds on the number of grid tiles in dynamic mode (the thumbnail is not counted).
+        use_thumbnail (`bool`, *optional*, defaults to `True`):
+            Append a thumbnail tile in dynamic mode when the grid has more than one tile.
+        resample (`PILImageResampling`, *optional*, defaults to `BICUBIC`), image_mean, image_std, do_rescale,
+        rescale_factor, do_normalize: as in every transformers image processor.
+
+    Calling the processor (`processor(images, **overrides)`) accepts one image or a list (paths, bytes, PIL images of
+    any mode, NumPy arrays, torch tensors; see `load_image`), any constructor setting as a per-call override
+    (e.g. `tiling="single"`, `max_tiles=6`) and `return_tensors` (`"pt"`, the default, or `"np"`), and returns a
+    `BatchFeature` with, for N images:
+
+        - `pixel_values`: float32 `[total_tiles, 3, H_tile, W_tile]`, the tiles of all images concatenated in order
+          (for each image its grid tiles row-major, then its thumbnail if any);
+        - `num_tiles`: int64 `[N]`, tiles per image including the thumbnail (`pixel_values.split(num_tiles)`);
+        - `tile_grids`: int64 `[N, 2]`, `(rows, cols)` of each image's tile grid (`(1, 1)` in single mode);
+        - `original_sizes`: int64 `[N, 2]`, `(height, width)` of each image as loaded.
+    """
+
+    valid_kwargs = MLLMSegImageProcessorKwargs
+    model_input_names = ["pixel_values"]
+
+    resample = PILImageResampling.BICUBIC
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    size = {"height": 448, "width": 448}
+    do_resize = True
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+    tiling = "dynamic"
+    min_tiles = 1
+    max_tiles = 12
+    use_thumbnail = True
+
+    def __init__(self, tile_size: int | None = None, **kwargs: Unpack[MLLMSegImageProcessorKwargs]):
+        if tile_size is not None:
+            kwargs["size"] = {"height": int(tile_size), "width": int(tile_size)}
+        super().__init__(**kwargs)
+        self._validate_preprocess_kwargs(
+            tiling=self.tiling, min_tiles=self.min_tiles, max_tiles=self.max_tiles, size=self.size
+        )
+
+    @property
+    def tile_size(self) -> int:
+        """Tile side in pixels (tiles are square unless `size` was set to a non-square dict)."""
+        return int(self.size.height)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Grid helpers (usable without any pixels, e.g. to count image tokens)
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def get_tile_grid(
+        self, height: int, width: int, tiling: str | None = None, min_tiles: int | None = None,
+        max_tiles: int | None = None,
+    ) -> tuple[int, int]:
+        """`(rows, cols)` of the tile grid for an image of this size (`(1, 1)` in single mode)."""
+        tiling = tiling or self.tiling
+        if tiling == "single":
+            return 1, 1
+        min_tiles = self.min_tiles if min_tiles is None else min_tiles
+        max_tiles = self.max_tiles if max_tiles is None else max_tiles
+        # transformers' InternVL/GOT-OCR2 grid choice (same candidate order and tie-break as the model card).
+        cols, rows = get_optimal_tiled_canvas(
+            (int(height), int(width)), (self.size.height, self.size.width), int(min_tiles), int(max_tiles)
+        )
+        return rows, cols
+
+    def get_number_of_image_patches(self, height: int, width: int, images_kwargs: dict | None = None) -> int:
+        """Number of tiles (thumbnail included) for an image of this size, honouring per-call overrides."""
+        images_kwargs = images_kwargs or {}
+        tiling = images_kwargs.get("tiling") or self.tiling
+        rows, cols = self.get_tile_grid(
+            height, width, tiling, images_kwargs.get("min_tiles"), images_kwargs.get("max_tiles")
+        )
+        use_thumbnail = images_kwargs.get("use_thumbnail", self.use_thumbnail)
+        return rows * cols + int(tiling == "dynamic" and bool(use_thumbnail) and rows * cols > 1)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # transformers pipeline hooks
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def preprocess(self, images: Any, **kwargs: Unpack[MLLMSegImageProcessorKwargs]) -> BatchFeature:
+        """Tile and normalise one image or a list of images (see the class docstring for inputs and outputs)."""
+        return super().preprocess(images, **kwargs)
+
+    def _validate_preprocess_kwargs(self, tiling=None, min_tiles=None, max_tiles=None, size=None, **kwargs):
+        super()._validate_preprocess_kwargs(size=size, **kwargs)
+        if tiling not in TILING_MODES:
+            raise ValueError(f"tiling must be one of {TILING_MODES}, got {tiling!r}")
+        if not (isinstance(min_tiles, int) and isinstance(max_tiles, int) and 1 <= min_tiles <= max_tiles):
+            raise ValueError(f"Need integers 1 <= min_tiles <= max_tiles, got min_tiles={min_tiles}, max_tiles={max_tiles}")
+        if size is None or not size.height or not size.width:
+            raise ValueError(f"size must give the tile 'height' and 'width', got {size}")
+
+    def _prepare_image_like_inputs(self, images: Any, *args, **kwargs) -> list[Image.Image]:
+        """Flatten the input to a list and load every item as an RGB PIL image (no numpy round trip)."""
+        if isinstance(images, (list, tuple)):
+            items = list(images)
+        elif isinstance(images, np.ndarray) and images.ndim == 4:
+            items = list(images)
+        elif torch is not None and isinstance(images, torch.Tensor) and images.ndim == 4:
+            items = list(images)
+        else:
+            items = [images]
+        if not items:
+            raise ValueError("No images given")
+        return [load_image(item) for item in items]
+
+    def _preprocess(
+        self,
+        images: list[Image.Image],
+        size: SizeDict,
+        resample: PILImageResampling | int | None,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean: float | Sequence[float],
+        image_std: float | Sequence[float],
+        return_tensors: str | TensorType | None,
+        tiling: str,
+        min_tiles: int,
+        max_tiles: int,
+        use_thumbnail: bool,
+        **kwargs,
+    ) -> BatchFeature:
+        tile_h, tile_w = int(size.height), int(size.width)
+        resample = PILImageResampling.BICUBIC if resample is None else resample
+
+        # Pass 1: grids and tile counts, so one output buffer holds every tile (no per-tile arrays, no final stack).
+        grids, counts = [], []
+        for image in images:
+            rows, cols = self.get_tile_grid(image.height, image.width, tiling, min_tiles, max_tiles)
+            grids.append((rows, cols))
+            counts.append(rows * cols + int(tiling == "dynamic" and use_thumbnail and rows * cols > 1))
+        pixel_values = np.empty((sum(counts), 3, tile_h, tile_w), dtype=np.float32)
+
+        # Pass 2: one PIL resize per image to the whole grid canvas (the model card's exact call, hence identical
+        # uint8 pixels); the tiles are strided views of that canvas, copied straight into the output while being
+        # cast to float32 and moved to channels-first.
+        start = 0
+        for image, (rows, cols), count in zip(images, grids, counts):
+            canvas_size = (cols * tile_w, rows * tile_h)
+            # PIL's resize to the current size is a plain copy, so skipping it changes nothing.
+            canvas = image if image.size == canvas_size else image.resize(canvas_size, resample)
+            canvas = np.asarray(canvas)  # [rows*tile_h, cols*tile_w, 3] uint8
+            grid_out = pixel_values[start : start + rows * cols].reshape(rows, cols, 3, tile_h, tile_w)
+            np.copyto(grid_out, canvas.reshape(rows, tile_h, cols, tile_w, 3).transpose(0, 2, 4, 1, 3))
+            if count > rows * cols:  # thumbnail: the original image resized to one tile, as the model card does
+                thumb = image if image.size == (tile_w, tile_h) else image.resize((tile_w, tile_h), resample)
+                np.copyto(pixel_values[start + rows * cols], np.asarray(thumb).transpose(2, 0, 1))
+            start += count
+
+        # One in-place pass per op over all tiles, in float32, in the reference's order: x / 255, then (x - m) / s.
+        if do_rescale:
+            divisor = _exact_rescale_divisor(float(rescale_factor))
+            if divisor is not None:
+                np.divide(pixel_values, np.float32(divisor), out=pixel_values)
+            else:  # transformers' arithmetic: float64 multiply, rounded back to float32
+                np.multiply(pixel_values, np.float64(rescale_factor), out=pixel_values, casting="unsafe")
+        if do_normalize:
+            mean = np.broadcast_to(np.asarray(image_mean, dtype=np.float32), (3,)).reshape(3, 1, 1)
+            std = np.broadcast_to(np.asarray(image_std, dtype=np.float32), (3,)).reshape(3, 1, 1)
+            np.subtract(pixel_values, mean, out=pixel_values)
+            np.divide(pixel_values, std, out=pixel_values)
+
+        data = {
+            "pixel_values": pixel_values,
+            "num_tiles": np.asarray(counts, dtype=np.int64),
+            "tile_grids": np.asarray(grids, dtype=np.int64).reshape(-1, 2),
+            "original_sizes": np.asarray([(im.height, im.width) for im in images], dtype=np.int64).reshape(-1, 2),
+        }
+        # Tensors by default: the model consumes torch tensors, and BatchFeature wraps arrays without copying.
+        return BatchFeature(data=data, tensor_type=return_tensors or TensorType.PYTORCH)
+

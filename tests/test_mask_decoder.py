@@ -1,0 +1,100 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mllmseg import DSFFMaskDecoder, count_mask_decoder_parameters
+from mllmseg.remote_code.mask_decoder_mllmseg import DSFFAttentionBlock, DySampleUpsampler
+
+
+@pytest.mark.parametrize(
+    "text_width, expected",
+    [(4096, 34_385_542), (2048, 30_191_238), (896, 27_831_942)],  # InternVL2.5-8B, 2B/4B, 1B
+)
+def test_parameter_counts_match_the_reference(text_width, expected):
+    # InternViT-300M width 1024, 448 px tiles, patch 14; built on the meta device.
+    assert count_mask_decoder_parameters(1024, text_width, vision_grid=32, patch_size=14) == expected
+
+
+def test_parameter_names_follow_the_reference_modules():
+    with torch.device("meta"):
+        decoder = DSFFMaskDecoder(1024, 4096, 32, 14)
+    names = dict(decoder.named_parameters())
+    for key in [
+        "img_llm_down.weight",
+        "text_down.weight",
+        "ca_layer_v2l.layers.0.self_attn.in_proj_weight",
+        "ca_layer_v2l.layers.0.multihead_attn.out_proj.weight",
+        "ca_layer_v2l.norm.weight",
+        "upsample_adapter_l.offset.weight",
+        "text_out_adapter.weight",
+        "ca_layer_vl.layers.0.linear1.weight",
+        "conv1.0.weight",
+        "conv1.1.weight",
+        "conv2.weight",
+    ]:
+        assert key in names, key
+    assert tuple(names["upsample_adapter_l.offset.weight"].shape) == (32, 1024, 1, 1)  # 2 * 4 groups * 2 * 2
+    assert tuple(names["conv1.0.weight"].shape) == (196, 1024, 3, 3)
+    assert tuple(decoder.upsample_adapter_l.init_pos.shape) == (1, 32, 1, 1)
+
+
+@pytest.mark.parametrize("memory_len", [7, 1])
+def test_attention_block_equals_torch_transformer_decoder(memory_len):
+    torch.manual_seed(0)
+    dim, heads = 64, 8
+    ours = DSFFAttentionBlock(dim, heads, dim, dropout=0.1).eval()
+    reference = nn.TransformerDecoder(
+        nn.TransformerDecoderLayer(dim, heads, dim, 0.1, "relu"), 1, norm=nn.LayerNorm(dim)
+    ).eval()
+    for p in ours.parameters():  # non-trivial norms and biases too
+        nn.init.normal_(p, std=0.2)
+    missing, unexpected = reference.load_state_dict(ours.state_dict(), strict=True)
+    assert not missing and not unexpected
+    query, memory = torch.randn(3, 20, dim), torch.randn(3, memory_len, dim)
+    with torch.no_grad():
+        expected = reference(query.transpose(0, 1), memory.transpose(0, 1)).transpose(0, 1)  # seq-first reference
+        got = ours(query, memory)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dysample_positions_and_bilinear_at_zero_offset():
+    up = DySampleUpsampler(8, scale=2, groups=4)
+    # Children of pixel (i, j) sit at +-0.25 pixel: x offsets then y offsets, per group.
+    pos = up.init_pos.view(2, 4, 2, 2)
+    torch.testing.assert_close(pos[0, 0], torch.tensor([[-0.25, 0.25], [-0.25, 0.25]]))
+    torch.testing.assert_close(pos[1, 0], torch.tensor([[-0.25, -0.25], [0.25, 0.25]]))
+    nn.init.zeros_(up.offset.weight)
+    nn.init.zeros_(up.offset.bias)
+    # With zero learned offsets every child samples its parent's centre +-0.25 px: exactly bilinear x2
+    # upsampling (align_corners=False, border clamp), which checks the coordinate bookkeeping end to end.
+    x = torch.randn(2, 8, 6, 5)
+    y = up(x)
+    assert y.shape == (2, 8, 12, 10)
+    torch.testing.assert_close(y, F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+
+
+def test_decoder_output_shape_and_image_fusion_reuse():
+    torch.manual_seed(0)
+    decoder = DSFFMaskDecoder(vision_dim=32, text_dim=48, vision_grid=8, patch_size=14).eval()
+    vit, llm, seg = torch.randn(2, 64, 32), torch.randn(2, 16, 48), torch.randn(2, 48)
+    with torch.no_grad():
+        logits = decoder(vit, llm, seg)
+        assert logits.shape == (2, 112, 112)
+        # Fusing once and decoding two [SEG] of the same tile equals decoding each on its own.
+        fused = decoder.fuse_image(vit[:1], llm[:1])
+        both = decoder.decode(fused.expand(2, -1, -1), seg)
+        torch.testing.assert_close(both[1], decoder(vit[:1], llm[:1], seg[1:])[0])
+
+
+def test_reference_initialisation_is_xavier_uniform():
+    from mllmseg.tiny import build_tiny_model
+
+    model, _ = build_tiny_model()
+    weight = model.mask_decoder.text_out_adapter.weight  # fan_in 3*64, fan_out 64
+    bound = math.sqrt(6 / (3 * 64 + 64))
+    weight = weight.detach()
+    assert float(weight.abs().max()) <= bound + 1e-6
+    assert abs(float(weight.std()) - bound / math.sqrt(3)) < 0.1 * bound  # uniform, not normal(0, 0.02)
