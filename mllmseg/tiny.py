@@ -18,7 +18,9 @@ from .remote_code.configuration_mllmseg import (
     SEG_TOKEN,
     MLLMSegConfig,
 )
+from .remote_code.image_processing_mllmseg import MLLMSegImageProcessor
 from .remote_code.modeling_mllmseg import MLLMSegForConditionalGeneration
+from .remote_code.processing_mllmseg import MLLMSegProcessor
 
 CHAT_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -134,3 +136,16 @@ def build_tiny_model(
     torch.manual_seed(seed)
     model = MLLMSegForConditionalGeneration(tiny_config(tokenizer, **config_kwargs))
     return model.eval(), tokenizer
+
+
+def build_processor(tokenizer, config: MLLMSegConfig, system_message: str | None = None) -> MLLMSegProcessor:
+    """The processor matching a model config: tile size, tiling mode and image tokens per tile from the config."""
+    image_processor = MLLMSegImageProcessor(
+        tile_size=config.image_size, tiling=config.seg_tiling, max_tiles=config.max_dynamic_tiles
+    )
+    return MLLMSegProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        tokens_per_tile=config.tokens_per_tile,
+        system_message=system_message,
+    )

@@ -15,10 +15,13 @@ Schema assumed (from the ``dataset_info`` of the ``jxu124/refcoco`` dataset card
     bbox: [float]                   the target box, already x1, y1, x2, y2 (used only when raw_anns has no bbox)
     raw_sentences, captions, global_image_id, anns_id: unused
 
-The card carries no documentation beyond the feature list, so the JSON contents of ``raw_anns`` and
+Row counts on the card match one row per RefCOCO (unc) ref: Hub splits train / validation / test / testB hold
+42,404 / 3,811 / 1,975 / 1,810 rows, i.e. refer's train / val / testA / testB (the ``split`` column keeps the
+refer name, which is what ``split=`` filters on). The card carries no documentation beyond the feature list, so the JSON contents of ``raw_anns`` and
 ``raw_image_info`` and the ``image_path`` form are the COCO / refer conventions reported by users of the
-dataset. The Hub rows hold no pixels: images come from ``image_root / image_path``, or from an ``image``
-column when a copy has one (a ``datasets.Image`` feature, PIL image or ``{"bytes", "path"}``).
+dataset. The Hub rows hold no pixels: images come from ``image_root / image_path`` (``raw_image_info``'s
+``file_name`` when ``image_path`` is empty), or from an ``image`` column when a copy has one (a
+``datasets.Image`` feature, PIL image or ``{"bytes", "path"}``).
 
 Rows are grouped by image into :class:`~mllmseg.data.records.ReferringSample` s with one
 :class:`~mllmseg.data.records.Referent` per sentence, as the ``refer`` loaders do; masks are decoded (with the
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import io
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -122,12 +126,12 @@ class HubRefCOCODataset:
                                           ref_id=record["ref_id"], sent_id=sentence.get("sent_id")))
 
         splits = {record["split"] for record in records}
+        # functools.partial of module-level functions keeps samples picklable for DataLoader workers.
         if self._has_image_column:
-            first_row = rows[0]
-            path, loader = None, (lambda: _image_from_cell(self._images[first_row][IMAGE_COLUMN], image_id))
+            path, loader = None, partial(_image_from_row, self._images, rows[0], image_id)
         else:
             path = self._image_path(records[0], info)
-            loader = lambda: _open_image(path, height, width)  # noqa: E731
+            loader = partial(_open_image, path, height, width)
         return ReferringSample(image_id=image_id, height=height, width=width, referents=referents,
                                image_loader=loader, image_path=None if path is None else str(path),
                                split=splits.pop() if len(splits) == 1 else None)
@@ -192,8 +196,9 @@ def _open_image(path: Path, height: Optional[int] = None, width: Optional[int] =
     return image.convert("RGB")
 
 
-def _image_from_cell(cell: Any, image_id: Any) -> Image.Image:
-    """A decoded ``datasets.Image`` cell (PIL image) or an undecoded one (``{"bytes", "path"}``)."""
+def _image_from_row(images, row: int, image_id: Any) -> Image.Image:
+    """The ``image`` cell of ``row``: a decoded ``datasets.Image`` (PIL image) or an undecoded one (``{"bytes", "path"}``)."""
+    cell = images[row][IMAGE_COLUMN]
     if isinstance(cell, Image.Image):
         return cell.convert("RGB")
     if isinstance(cell, dict):

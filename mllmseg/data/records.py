@@ -44,13 +44,17 @@ class ReferringSample:
     """One image and the expressions that refer into it.
 
     ``image`` is read on first access (through ``image_loader``) and converted to RGB, so that building a
-    sample for its masks alone, e.g. for evaluation bookkeeping, never opens the image file.
+    sample for its masks alone, e.g. for evaluation bookkeeping, never opens the image file. Loaders keep
+    ``image_loader`` picklable (a module-level function or ``functools.partial``), so samples can cross
+    ``DataLoader`` worker processes; pass ``collate_fn=list`` (or a model collator), since the default collate
+    does not know this class.
 
     Attributes:
         image_id: id of the image in its source.
         height, width: original image size; every ``Referent.mask`` is ``[height, width]``.
         referents: the expressions, in source order.
-        image_loader: zero-argument callable returning the image (any PIL mode).
+        image_loader: zero-argument callable returning the image (any PIL mode); ``None`` when built with
+            :meth:`from_image`.
         image_path: where the image comes from, when it is a file (for error messages and logs).
         split: the source split of the sample's expressions (``None`` when mixed or unknown).
     """
@@ -77,8 +81,10 @@ class ReferringSample:
     @classmethod
     def from_image(cls, image_id: Any, image: Image.Image, referents: List[Referent], **kwargs) -> "ReferringSample":
         """Build a sample around an image already in memory."""
-        return cls(image_id=image_id, height=image.height, width=image.width, referents=referents,
-                   image_loader=lambda: image, **kwargs)
+        sample = cls(image_id=image_id, height=image.height, width=image.width, referents=referents, **kwargs)
+        # Held directly rather than behind a closure, so the sample pickles (DataLoader workers send samples).
+        sample._image = image if image.mode == "RGB" else image.convert("RGB")
+        return sample
 
 
 def xywh_to_xyxy(box: Sequence[float]) -> Box:

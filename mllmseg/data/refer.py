@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import pickle
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -70,7 +71,9 @@ class _RefsUnpickler(pickle.Unpickler):
     A refs ``.p`` comes from the internet; a plain ``pickle.load`` would run whatever callable it names.
     """
 
-    _ALLOWED = {("builtins", name) for name in ("set", "frozenset", "list", "dict", "tuple", "str", "int", "float")}
+    # "__builtin__" is how Python 2 pickles (the original UNC release) name the same types.
+    _ALLOWED = {(module, name) for module in ("builtins", "__builtin__")
+                for name in ("set", "frozenset", "list", "dict", "tuple", "str", "int", "float")}
 
     def find_class(self, module, name):
         if (module, name) in self._ALLOWED:
@@ -85,13 +88,14 @@ def _load_refs_file(path: Path) -> list:
     else:
         with open(path, "rb") as f:
             try:
-                refs = _RefsUnpickler(f).load()
-            except UnicodeDecodeError:
-                # Python 2 pickles of byte strings (the original UNC release) need latin1 to load in Python 3.
-                f.seek(0)
-                refs = _RefsUnpickler(f, encoding="latin1").load()
-            except pickle.UnpicklingError as e:
-                raise ValueError(f"{path}: {e}") from e
+                try:
+                    refs = _RefsUnpickler(f).load()
+                except UnicodeDecodeError:
+                    # Python 2 pickles of non-ASCII byte strings need latin1 to load in Python 3.
+                    f.seek(0)
+                    refs = _RefsUnpickler(f, encoding="latin1").load()
+            except (pickle.UnpicklingError, EOFError) as e:
+                raise ValueError(f"{path}: cannot read refs pickle: {e}") from e
     if not isinstance(refs, list):
         raise ValueError(f"{path}: expected a list of refs, got {type(refs).__name__}")
     return refs
@@ -275,7 +279,7 @@ class ReferDataset:
         splits = {r.split for r in self._by_image[image_id]}
         path = self.image_path(image_id)
         return ReferringSample(image_id=image_id, height=height, width=width, referents=referents,
-                               image_loader=lambda: _open_image(path, height, width), image_path=str(path),
+                               image_loader=partial(_open_image, path, height, width), image_path=str(path),
                                split=splits.pop() if len(splits) == 1 else None)
 
     def _target(self, record: ReferRecord, height: int, width: int):

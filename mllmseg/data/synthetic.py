@@ -109,7 +109,8 @@ def _noun_phrase(color: Optional[str], shape: Optional[str], plural: bool = Fals
 
 
 class SyntheticReferringDataset:
-    """Generated referring-segmentation samples (len / getitem, usable with ``torch.utils.data.DataLoader``).
+    """Generated referring-segmentation samples (len / getitem; with ``torch.utils.data.DataLoader`` pass
+    ``collate_fn=list`` or a model collator).
 
     Args:
         num_images: length of the dataset.
@@ -178,7 +179,15 @@ class SyntheticReferringDataset:
     def __len__(self) -> int:
         return self.num_images
 
+    def _check_index(self, index: int) -> int:
+        if index < 0:
+            index += self.num_images
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} images")
+        return int(index)
+
     def __getitem__(self, index: int) -> ReferringSample:
+        index = self._check_index(index)
         scene = self.scene(index)
         height, width = self.image_size
         referents = []
@@ -195,10 +204,7 @@ class SyntheticReferringDataset:
 
     def scene(self, index: int) -> SyntheticScene:
         """The full generated scene of ``index`` (image, label map, objects, expressions with their targets)."""
-        if index < 0:
-            index += self.num_images
-        if not 0 <= index < self.num_images:
-            raise IndexError(f"index {index} out of range for {self.num_images} images")
+        index = self._check_index(index)
         rng = np.random.default_rng([self.seed, self._split_key, index])
         height, width = self.image_size
         background = self._background(rng)

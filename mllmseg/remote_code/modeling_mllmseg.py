@@ -23,6 +23,7 @@ from transformers.models.internvl.modeling_internvl import InternVLModel
 from transformers.utils import ModelOutput
 
 from .configuration_mllmseg import MLLMSegConfig
+from .inference_mllmseg import MLLMSegInferenceMixin
 from .mask_decoder_mllmseg import DSFFMaskDecoder, DySampleUpsampler
 
 
@@ -96,7 +97,7 @@ class MLLMSegPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
 
 
-class MLLMSegForConditionalGeneration(MLLMSegPreTrainedModel, GenerationMixin):
+class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedModel, GenerationMixin):
     """InternVL (vision tower, pixel-shuffle projector, causal LM) + `lm_head` + the DSFF mask decoder.
 
     Feature sources for the decoder, per 448 px tile (SPEC: reference code facts):

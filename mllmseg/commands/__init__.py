@@ -1,0 +1,1 @@
+"""`mllmseg` subcommands, one module per family (see mllmseg.cli)."""
