@@ -93,7 +93,7 @@ class MLLMSegProcessor(ProcessorMixin):
             images: one image or a list (PIL, array, tensor or path), one per text; or None for text only.
             text: the user question(s), with an `<image>` placeholder (added in front when missing).
             answers (*optional*): assistant answers; then the conversations are closed and `labels` cover only the
-                answers (and their `<|im_end|>`), -100 elsewhere.
+                answers (and their closing `<|im_end|>` + newline), -100 elsewhere.
             tiling: `"single"` or `"dynamic"` (defaults to the image processor's).
             max_length (*optional*): refuse longer sequences with a clear error rather than truncating them.
 
@@ -128,7 +128,7 @@ class MLLMSegProcessor(ProcessorMixin):
 
         encoded = self._tokenize(fulls if answer_list is not None else prompts, max_length)
         if answer_list is not None:
-            # Loss on the answer and its closing <|im_end|>, the way InternVL's preprocessing masks the prompt.
+            # Loss on the answer and its closing "<|im_end|>" + newline, the way InternVL2.5 preprocessing labels a turn.
             labels = encoded["input_ids"].clone()
             for i, prompt in enumerate(prompts):
                 n_prompt = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])

@@ -1,0 +1,142 @@
+"""LoRA for MLLMSeg through PEFT (SPEC section 4, "We" variant).
+
+* LoRA (r 64, alpha 128, dropout 0.05) on every `nn.Linear` of the LLM (`model.language_model`), resolved by module
+  type, so the same code covers Qwen2, Llama and other transformers decoders. The ViT (`model.vision_tower`) and the
+  projector (`model.multi_modal_projector`) are never targeted and stay frozen.
+* Trained in full: the mask decoder and the LLM's final norm (PEFT `modules_to_save`).
+* Embeddings: by default only the rows of the new tokens (`[SEG]`, `[REJ]` and any other ids passed), on both the
+  input embedding and `lm_head`, through PEFT `trainable_token_indices`; `embeddings="full"` trains both matrices in
+  full (the reference recipe), `embeddings="none"` freezes them.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from torch import nn
+
+EMBEDDING_MODES = ("new_tokens", "full", "none")
+LLM_PREFIX = "model.language_model"
+INPUT_EMBEDDINGS = "language_model.embed_tokens"
+OUTPUT_EMBEDDINGS = "lm_head"
+FINAL_NORM = "language_model.norm"
+MASK_DECODER = "mask_decoder"
+
+
+@dataclass
+class LoraRecipe:
+    r: int = 64
+    alpha: int = 128
+    dropout: float = 0.05
+    embeddings: str = "new_tokens"
+    extra_token_ids: list[int] = field(default_factory=list)
+    train_final_norm: bool = True
+
+    def __post_init__(self):
+        if self.embeddings not in EMBEDDING_MODES:
+            raise ValueError(f"lora embeddings must be one of {EMBEDDING_MODES}, got {self.embeddings!r}")
+
+
+def _base(model):
+    """The MLLMSeg model under a PEFT wrapper, if any."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def llm_linear_names(model) -> list[str]:
+    """Leaf names of the `nn.Linear` modules of the LLM (e.g. q_proj ... down_proj), found by type."""
+    base = _base(model)
+    llm = base.get_submodule(LLM_PREFIX)
+    names = sorted({name.rsplit(".", 1)[-1] for name, m in llm.named_modules() if isinstance(m, nn.Linear)})
+    if not names:
+        raise ValueError(f"no nn.Linear layer found under {LLM_PREFIX}")
+    return names
+
+
+def lora_target_regex(model) -> str:
+    """A PEFT `target_modules` regex (full match on module names) selecting exactly the LLM's linear layers."""
+    leaves = "|".join(re.escape(n) for n in llm_linear_names(model))
+    return rf"^{re.escape(LLM_PREFIX)}\..*\.(?:{leaves})$"
+
+
+def new_token_ids(config, extra: Iterable[int] = ()) -> list[int]:
+    """`[SEG]`, `[REJ]` and `extra` ids, sorted and unique."""
+    return sorted({int(config.seg_token_id), int(config.rej_token_id), *(int(i) for i in extra)})
+
+
+def build_lora_config(model, recipe: LoraRecipe | None = None):
+    from peft import LoraConfig
+
+    recipe = recipe or LoraRecipe()
+    base = _base(model)
+    modules_to_save = [MASK_DECODER]
+    if recipe.train_final_norm:
+        modules_to_save.append(FINAL_NORM)
+    trainable_tokens = None
+    if recipe.embeddings == "full":
+        modules_to_save += [INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS]
+    elif recipe.embeddings == "new_tokens":
+        ids = new_token_ids(base.config, recipe.extra_token_ids)
+        trainable_tokens = {INPUT_EMBEDDINGS: ids, OUTPUT_EMBEDDINGS: ids}
+    return LoraConfig(
+        r=recipe.r,
+        lora_alpha=recipe.alpha,
+        lora_dropout=recipe.dropout,
+        target_modules=lora_target_regex(base),
+        modules_to_save=modules_to_save,
+        trainable_token_indices=trainable_tokens,
+        bias="none",
+    )
+
+
+def apply_lora(model, recipe: LoraRecipe | None = None):
+    """Wrap `model` in a PEFT LoRA model following `recipe`; everything else is frozen."""
+    from peft import get_peft_model
+
+    config = build_lora_config(model, recipe)
+    peft_model = get_peft_model(model, config)
+    for name, param in peft_model.named_parameters():
+        if ".vision_tower." in name or ".multi_modal_projector." in name:
+            if param.requires_grad:
+                raise AssertionError(f"{name} of the frozen ViT / projector is trainable")
+    return peft_model
+
+
+def trainable_parameter_counts(model) -> dict[str, int]:
+    """Trainable parameters by part: lora, mask_decoder, final_norm, embeddings, other; plus total and all."""
+    parts = dict.fromkeys(("lora", "mask_decoder", "final_norm", "embeddings", "vision", "other"), 0)
+    total = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if not p.requires_grad:
+            continue
+        if "lora_" in name:
+            parts["lora"] += p.numel()
+        elif "mask_decoder" in name:
+            parts["mask_decoder"] += p.numel()
+        elif "embed_tokens" in name or "lm_head" in name or "trainable_tokens" in name:
+            parts["embeddings"] += p.numel()
+        elif re.search(r"language_model\.norm\b", name):
+            parts["final_norm"] += p.numel()
+        elif "vision_tower" in name or "multi_modal_projector" in name:
+            parts["vision"] += p.numel()
+        else:
+            parts["other"] += p.numel()
+    parts["trainable"] = sum(parts.values())
+    parts["all"] = total
+    return parts
+
+
+def format_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in counts.items())
+
+
+__all__ = [
+    "LoraRecipe",
+    "apply_lora",
+    "build_lora_config",
+    "llm_linear_names",
+    "lora_target_regex",
+    "new_token_ids",
+    "trainable_parameter_counts",
+]

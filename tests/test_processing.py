@@ -1,0 +1,124 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mllmseg import MLLMSegProcessor
+from mllmseg.remote_code.conversation_mllmseg import (
+    INTERNVL_SYSTEM_MESSAGE,
+    evaluation_prompt,
+    render_conversation,
+    training_prompt,
+)
+from mllmseg.tiny import build_processor, build_tiny_model
+
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+    model, tok = build_tiny_model()
+    return model, tok, build_processor(tok, model.config)
+
+
+def test_chat_format_is_internvl25():
+    text = render_conversation([("<image>\nhi", "hello"), ("more?", None)], "SYS")
+    assert text == (
+        "<|im_start|>system\nSYS<|im_end|>\n"
+        "<|im_start|>user\n<image>\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"
+        "<|im_start|>user\nmore?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert render_conversation([("q", None)], INTERNVL_SYSTEM_MESSAGE, bos="<s>").startswith("<s><|im_start|>system\n你是书生·万象")
+
+
+def test_prompts_follow_the_reference():
+    q, a = evaluation_prompt(["the man. ", " a dog"])
+    assert q == "<image>\n What are the man, a dogin this image? Please output segmentation masks."  # sic
+    assert a == "Sure,the man:[SEG], a dog:[SEG]."
+    import random
+
+    questions, answers = set(), set()
+    for seed in range(60):
+        q, a = training_prompt(["The Red circle.", "a dog"], [False, True], random.Random(seed))
+        questions.add(q.split("\n", 1)[1].replace("the red circle, a dog", "{}"))
+        answers.add(a)
+        assert q.startswith("<image>\n") and "the red circle, a dog" in q  # lower-cased, dots stripped
+        assert a.count("[SEG]") == 1 and a.count("[REJ]") == 1 and a.index("[SEG]") < a.index("[REJ]")
+    assert len(questions) == 4 and len(answers) == 5  # every template is used
+    assert "Sure, they are The Red circle:[SEG], a dog:[REJ]." in answers
+
+
+def test_processor_expands_images_and_labels_only_the_answer(tiny_setup):
+    model, tok, proc = tiny_setup
+    images = [Image.new("RGB", (30, 30), "red"), Image.new("RGB", (300, 60), "blue")]
+    batch = proc(images=images, text=["What is x?", "<image>\nWhat is y?"], answers=["Sure, [SEG].", "No, [REJ]."],
+                 tiling="dynamic")
+    assert batch["num_tiles"].tolist() == [1, int(batch["num_tiles"][1])] and int(batch["num_tiles"][1]) > 1
+    assert batch["original_sizes"].tolist() == [[30, 30], [60, 300]]
+    ctx = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    per_tile = model.config.tokens_per_tile
+    assert ((batch["input_ids"] == ctx).sum(1) // per_tile).tolist() == batch["num_tiles"].tolist()
+    for i, answer in enumerate(["Sure, [SEG].", "No, [REJ]."]):
+        labelled = batch["labels"][i][batch["labels"][i] != -100]
+        assert tok.decode(labelled) == answer + "<|im_end|>\n"  # as InternVL2.5 preprocessing labels it
+        text = tok.decode(batch["input_ids"][i][batch["attention_mask"][i].bool()])
+        assert text.startswith("<|im_start|>system\n你是书生") and "<img><IMG_CONTEXT>" in text
+
+
+def test_processor_errors(tiny_setup):
+    _, tok, proc = tiny_setup
+    with pytest.raises(ValueError, match="got 2 images for 1 texts"):
+        proc(images=[Image.new("RGB", (8, 8))] * 2, text=["a"])
+    with pytest.raises(ValueError, match="over the limit of 50"):
+        proc(images=[Image.new("RGB", (8, 8))], text=["a"], max_length=50)
+    with pytest.raises(ValueError, match="lacks MLLMSeg's tokens"):
+        from mllmseg.tiny import build_tiny_tokenizer
+
+        MLLMSegProcessor(proc.image_processor, build_tiny_tokenizer(with_seg_tokens=False))
+
+
+def test_post_processing_masks_boxes_rle():
+    logits = torch.full((2, 8, 8), -10.0)
+    logits[0, 2:4, 4:8] = 10.0  # rows 2-3, cols 4-7 of the canvas
+    probs, masks = MLLMSegProcessor.post_process_masks(logits, (16, 8))  # 2x taller image
+    assert masks.shape == (2, 16, 8) and not masks[1].any()
+    rows = masks[0].any(1).nonzero().flatten()
+    cols = masks[0].any(0).nonzero().flatten()
+    assert 4 <= int(rows.min()) <= 5 and 6 <= int(rows.max()) <= 7 and int(cols.min()) == 4 and int(cols.max()) == 7
+    boxes = MLLMSegProcessor.masks_to_boxes(masks)
+    assert boxes[0].tolist() == [4.0, float(rows.min()), 7.0, float(rows.max())] and boxes[1].tolist() == [0, 0, 0, 0]
+    from pycocotools import mask as mask_utils
+
+    rle = MLLMSegProcessor.masks_to_rle(masks)
+    assert isinstance(rle[0]["counts"], str)
+    decoded = mask_utils.decode({"size": rle[0]["size"], "counts": rle[0]["counts"].encode()})
+    assert (decoded.astype(bool) == masks[0].numpy()).all()
+
+
+def test_auto_processor_from_remote_code_in_a_fresh_process(tiny_setup, tmp_path):
+    model, tok, proc = tiny_setup
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["mllmseg"] = None
+        from PIL import Image
+        from transformers import AutoProcessor
+        proc = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
+        assert type(proc).__name__ == "MLLMSegProcessor", type(proc)
+        assert type(proc.image_processor).__name__ == "MLLMSegImageProcessor"
+        assert type(proc).__module__.startswith("transformers_modules."), type(proc).__module__
+        batch = proc(images=[Image.new("RGB", (50, 20), "red")], text=["q"], answers=["Sure, [SEG]."])
+        print(proc.tokens_per_tile, batch["input_ids"].tolist(), batch["pixel_values"].sum().item())
+        """
+    )
+    (tmp_path / "p.py").write_text(script)
+    result = subprocess.run([sys.executable, "-I", str(tmp_path / "p.py"), str(tmp_path)], capture_output=True,
+                            text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "h")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = proc(images=[Image.new("RGB", (50, 20), "red")], text=["q"], answers=["Sure, [SEG]."])
+    line = result.stdout.strip().splitlines()[-1]
+    assert line == f"{proc.tokens_per_tile} {expected['input_ids'].tolist()} {expected['pixel_values'].sum().item()}"
