@@ -12,6 +12,10 @@ import sys
 
 COMMAND_MODULES = [
     "mllmseg.commands.quickstart",
+    "mllmseg.commands.train",
+    "mllmseg.commands.convert",
+    "mllmseg.commands.evaluate",
+    "mllmseg.commands.release",
 ]
 
 
