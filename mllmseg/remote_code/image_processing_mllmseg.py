@@ -19,11 +19,9 @@ Why not the stock ``GotOcr2ImageProcessorPil`` pipeline? With InternVL settings 
 we reuse its grid choice (``get_optimal_tiled_canvas``) so the tiling decision is the transformers one. But its
 pipeline round-trips every tile numpy -> PIL -> numpy and rescales tile by tile through float64, which runs at about
 the reference's speed. Here the image is resized once with PIL (the same call, so the same uint8 pixels), the tiles
-are reshaped views of its bands copied straight into one float32 output, and one set of in-place float32 NumPy ops
-normalises all tiles of an image (about 1.5-1.7x the reference's images/second, see benchmarks/).
+are reshaped views of its bands, and each tile plane is cast and normalised in place, in float32, straight into one
+output buffer (about 1.5-1.8x the reference's images/second, see benchmarks/bench_preprocessing.py).
 """
-
-from __future__ import annotations
 
 import io
 import os
@@ -137,11 +135,11 @@ def to_rgb(image: Image.Image, name: str | None = None) -> Image.Image:
         return image
     where = f" ({name})" if name else ""
     try:
-        if mode in _ALPHA_MODES or "transparency" in image.info:
-            return _composite_on_background(image)
-        if mode in _SIXTEEN_BIT_MODES:
+        if mode in _SIXTEEN_BIT_MODES:  # before the alpha rule: Pillow's RGBA conversion would clip these too
             gray = _scale_16bit_to_8bit(np.asarray(image))
             return Image.fromarray(gray, mode="L").convert("RGB")
+        if mode in _ALPHA_MODES or "transparency" in image.info:
+            return _composite_on_background(image)
         if mode == "F":
             return image.convert("L").convert("RGB")
         return image.convert("RGB")
@@ -264,7 +262,11 @@ def load_image(image: Any, exif_transpose: bool = False) -> Image.Image:
         except Exception as err:
             raise ImageLoadError(f"Cannot decode image bytes: {type(err).__name__}: {err}") from err
     elif torch is not None and isinstance(image, torch.Tensor):
-        image = _array_to_pil(image.detach().cpu().numpy())
+        tensor = image.detach().cpu()
+        if tensor.dtype in (torch.float16, torch.bfloat16):  # no NumPy equivalent for bfloat16
+            tensor = tensor.float()
+        # torch's convention is channels-first, so a leading axis of 1/3/4 is read as channels.
+        image = _array_to_pil(tensor.numpy(), channels_first=tensor.ndim == 3 and tensor.shape[0] in (1, 3, 4))
     elif isinstance(image, np.ndarray):
         image = _array_to_pil(image)
     elif not isinstance(image, Image.Image):
@@ -298,22 +300,48 @@ def _exact_rescale_divisor(rescale_factor: float) -> float | None:
     return float(divisor) if np.array_equal(values / divisor, target) else None
 
 
-def _copy_tiles(image: Image.Image, out: np.ndarray, rows: int, cols: int) -> None:
-    """Cut an RGB PIL image into a `rows x cols` grid of tiles, written row-major into float32 `out`.
+def _write_tiles(
+    image: Image.Image,
+    out: np.ndarray,
+    rows: int,
+    cols: int,
+    divisor: float | None,
+    rescale_factor: float | None,
+    mean: np.ndarray | None,
+    std: np.ndarray | None,
+) -> None:
+    """Cut an RGB PIL image into a `rows x cols` grid of tiles and write them, normalised, row-major into `out`.
 
     Args:
         image: RGB image of size `(cols * tile_w, rows * tile_h)`.
-        out: float32 `[rows * cols, 3, tile_h, tile_w]` (written in place, values 0..255).
+        out: float32 `[rows * cols, 3, tile_h, tile_w]`, written in place.
+        divisor: rescale by float32 division by this value (exact fast path), or
+        rescale_factor: rescale by transformers' float64 multiply (when `divisor` is None); both None: no rescale.
+        mean, std: float32 `[3]`, or None for no normalisation.
 
-    Reads the image band by band (`split()` -> planar uint8 arrays) instead of one `np.asarray` of the RGB canvas:
-    the planar copy runs along contiguous rows, and no temporary is bigger than one band. The packed RGB canvas (up
-    to 7 MB per image) was measured to cost more in fresh-memory page faults than all the rest of the copy.
+    The arithmetic is the reference's, step by step in float32: `x / 255`, then `(x - mean) / std`. Two choices
+    make it fast without changing a bit:
+
+    * the image is read band by band (`split()` -> planar uint8 arrays) instead of one `np.asarray` of the packed
+      RGB canvas: the copy then runs along contiguous rows and no temporary exceeds one band (the packed canvas,
+      up to 7 MB, cost more in fresh-memory page faults than all the rest of the copy);
+    * each tile plane (`tile_h * tile_w` floats, 0.8 MB at 448 px) is cast and normalised while it sits in the CPU
+      cache, rather than in passes over the whole output (measured ~10% faster per image).
     """
     tile_h, tile_w = out.shape[-2:]
-    grid = out.reshape(rows, cols, 3, tile_h, tile_w)
     for channel, band in enumerate(image.split()):
-        planes = np.asarray(band).reshape(rows, tile_h, cols, tile_w).transpose(0, 2, 1, 3)
-        np.copyto(grid[:, :, channel], planes)
+        planes = np.asarray(band).reshape(rows, tile_h, cols, tile_w)
+        for row in range(rows):
+            for col in range(cols):
+                plane = out[row * cols + col, channel]
+                np.copyto(plane, planes[row, :, col])  # uint8 -> float32
+                if divisor is not None:
+                    np.divide(plane, np.float32(divisor), out=plane)
+                elif rescale_factor is not None:
+                    np.multiply(plane, np.float64(rescale_factor), out=plane, casting="unsafe")
+                if mean is not None:
+                    np.subtract(plane, mean[channel], out=plane)
+                    np.divide(plane, std[channel], out=plane)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -358,7 +386,11 @@ class MLLMSegImageProcessor(PilBackend):
         use_thumbnail (`bool`, *optional*, defaults to `True`):
             Append a thumbnail tile in dynamic mode when the grid has more than one tile.
         resample (`PILImageResampling`, *optional*, defaults to `BICUBIC`), image_mean, image_std, do_rescale,
-        rescale_factor, do_normalize: as in every transformers image processor.
+        rescale_factor, do_normalize: as in every transformers image processor. (`do_resize` and `do_convert_rgb`
+        are kept for compatibility but always apply: the model needs RGB tiles of the tile size.)
+
+    The class default is `"dynamic"` (InternVL behaviour, chat); processors built for segmentation with the released
+    weights should be saved with `tiling="single"` (e.g. from the model config's segmentation tiling).
 
     Calling the processor (`processor(images, **overrides)`) accepts one image or a list (paths, bytes, PIL images of
     any mode, NumPy arrays, torch tensors; see `load_image`), any constructor setting as a per-call override
@@ -444,20 +476,32 @@ class MLLMSegImageProcessor(PilBackend):
         if tiling not in TILING_MODES:
             raise ValueError(f"tiling must be one of {TILING_MODES}, got {tiling!r}")
         if not (isinstance(min_tiles, int) and isinstance(max_tiles, int) and 1 <= min_tiles <= max_tiles):
-            raise ValueError(f"Need integers 1 <= min_tiles <= max_tiles, got min_tiles={min_tiles}, max_tiles={max_tiles}")
+            raise ValueError(
+                f"Need integers 1 <= min_tiles <= max_tiles, got min_tiles={min_tiles}, max_tiles={max_tiles}"
+            )
         if size is None or not size.height or not size.width:
             raise ValueError(f"size must give the tile 'height' and 'width', got {size}")
 
     def _prepare_image_like_inputs(self, images: Any, *args, **kwargs) -> list[Image.Image]:
-        """Flatten the input to a list and load every item as an RGB PIL image (no numpy round trip)."""
-        if isinstance(images, (list, tuple)):
-            items = list(images)
-        elif isinstance(images, np.ndarray) and images.ndim == 4:
-            items = list(images)
-        elif torch is not None and isinstance(images, torch.Tensor) and images.ndim == 4:
-            items = list(images)
-        else:
-            items = [images]
+        """Flatten the input to a list and load every item as an RGB PIL image (no numpy round trip).
+
+        Accepts one image, a list/tuple (nested lists are flattened in order, as for multi-image batches), or a
+        4-D array/tensor read as a batch of images.
+        """
+        items = []
+
+        def flatten(value):
+            if isinstance(value, (list, tuple)):
+                for item in value:
+                    flatten(item)
+            elif (isinstance(value, np.ndarray) or (torch is not None and isinstance(value, torch.Tensor))) and (
+                value.ndim == 4
+            ):
+                items.extend(value)
+            else:
+                items.append(value)
+
+        flatten(images)
         if not items:
             raise ValueError("No images given")
         return [load_image(item) for item in items]
@@ -491,31 +535,23 @@ class MLLMSegImageProcessor(PilBackend):
         pixel_values = np.empty((sum(counts), 3, tile_h, tile_w), dtype=np.float32)
 
         # Pass 2, per image: one PIL resize to the whole grid canvas (the model card's exact call, hence identical
-        # uint8 pixels), cut into tiles by reshaping its bands and cast to float32 straight into the output.
-        mean = np.broadcast_to(np.asarray(image_mean, dtype=np.float32), (3,)).reshape(3, 1, 1)
-        std = np.broadcast_to(np.asarray(image_std, dtype=np.float32), (3,)).reshape(3, 1, 1)
-        divisor = _exact_rescale_divisor(float(rescale_factor)) if do_rescale else None
+        # uint8 pixels), cut into tiles and normalised straight into the output.
+        norm = dict(divisor=None, rescale_factor=None, mean=None, std=None)
+        if do_rescale:
+            norm["divisor"] = _exact_rescale_divisor(float(rescale_factor))
+            norm["rescale_factor"] = float(rescale_factor)
+        if do_normalize:
+            norm["mean"] = np.broadcast_to(np.asarray(image_mean, dtype=np.float32), (3,))
+            norm["std"] = np.broadcast_to(np.asarray(image_std, dtype=np.float32), (3,))
         start = 0
         for image, (rows, cols), count in zip(images, grids, counts):
             canvas_size = (cols * tile_w, rows * tile_h)
             # PIL's resize to the current size is a plain copy, so skipping it changes nothing.
             canvas = image if image.size == canvas_size else image.resize(canvas_size, resample)
-            _copy_tiles(canvas, pixel_values[start : start + rows * cols], rows, cols)
+            _write_tiles(canvas, pixel_values[start : start + rows * cols], rows, cols, **norm)
             if count > rows * cols:  # thumbnail: the original image resized to one tile, as the model card does
                 thumb = image if image.size == (tile_w, tile_h) else image.resize((tile_w, tile_h), resample)
-                _copy_tiles(thumb, pixel_values[start + rows * cols : start + count], 1, 1)
-
-            # In-place float32 ops over all tiles of the image, in the reference's order: x / 255, then (x - m) / s.
-            # (Per image rather than per call: the image's tiles are still in cache, and the arithmetic is the same.)
-            tiles = pixel_values[start : start + count]
-            if do_rescale:
-                if divisor is not None:
-                    np.divide(tiles, np.float32(divisor), out=tiles)
-                else:  # transformers' arithmetic: float64 multiply, rounded back to float32
-                    np.multiply(tiles, np.float64(rescale_factor), out=tiles, casting="unsafe")
-            if do_normalize:
-                np.subtract(tiles, mean, out=tiles)
-                np.divide(tiles, std, out=tiles)
+                _write_tiles(thumb, pixel_values[start + rows * cols : start + count], 1, 1, **norm)
             start += count
 
         data = {
