@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 # (key in evaluate_dataset()["metrics"], label in tables, model-index metric type)
 METRICS: list[tuple[str, str, str]] = [
@@ -53,12 +53,11 @@ TEMPLATE_NAME = "mllmseg.md"
 
 
 def template_path(name: str = TEMPLATE_NAME) -> Path:
-    """The card template: package data (``mllmseg/hub_cards``) first, then the source tree's ``hub_cards/``."""
-    here = Path(__file__).resolve()
-    for folder in (here.parents[1] / "hub_cards", here.parents[2] / "hub_cards"):
-        if (folder / name).is_file():
-            return folder / name
-    raise FileNotFoundError(f"model card template {name} not found (looked in mllmseg/hub_cards and hub_cards/)")
+    """The card template, shipped as package data in ``mllmseg/hub_cards``."""
+    path = Path(__file__).resolve().parents[1] / "hub_cards" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"model card template not found: {path}")
+    return path
 
 
 def _pct(value) -> str:

@@ -1,0 +1,144 @@
+"""`mllmseg evaluate`: score a checkpoint on a referring-segmentation split (data-parallel under accelerate)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+DATASETS = ("synthetic", "refcoco", "refcoco+", "refcocog", "refclef", "grefcoco")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="evaluate a checkpoint (cIoU, both gIoU conventions, Prec@0.5, N-acc/T-acc)",
+        description="Evaluate MODEL_DIR (loaded with AutoModel/AutoProcessor, trust_remote_code=True). Runs "
+        "data-parallel under `accelerate launch --num_processes N -m mllmseg evaluate ...` (GPUs) or "
+        "`torchrun --nproc_per_node N -m mllmseg evaluate ...` (GPUs or CPU, gloo); results are written by the main "
+        "process only and equal a single-process run.",
+    )
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint folder (or Hub id, if reachable)")
+    parser.add_argument("--dataset", required=True, choices=DATASETS)
+    parser.add_argument("--data-root", help="folder with <dataset>/refs(...).p|json and instances.json")
+    parser.add_argument("--image-root", help="folder the image paths are relative to (default: --data-root)")
+    parser.add_argument("--split", help="split to evaluate (default: val; synthetic: validation)")
+    parser.add_argument("--split-by", help="annotation partition (unc, umd, google, berkeley); default per dataset")
+    parser.add_argument("--mode", choices=("fast", "generate"), default="fast",
+                        help="fast: teacher-forced (paper protocol); generate: free decoding")
+    parser.add_argument("--limit", type=int, help="evaluate the first N samples (images) only")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--tiling", choices=("single", "dynamic"), help="default: the checkpoint's seg_tiling")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    parser.add_argument("--output-dir", default="eval_results", help="where results go (default: ./eval_results)")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
+    parser.add_argument("--predictions", action="store_true", help="also write per-expression predictions (JSONL, RLE)")
+    parser.add_argument("--num-images", type=int, default=16, help="synthetic: number of images")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic: seed")
+    parser.add_argument("--image-size", type=int, default=224, help="synthetic: square image side")
+    parser.set_defaults(func=run)
+
+
+def build_dataset(args):
+    if args.dataset == "synthetic":
+        from ..data.synthetic import SyntheticReferringDataset
+
+        split = args.split or "validation"
+        return SyntheticReferringDataset(args.num_images, seed=args.seed, split=split,
+                                         image_size=(args.image_size, args.image_size)), split
+    if not args.data_root:
+        raise ValueError(f"--data-root is required for --dataset {args.dataset}")
+    from ..data.refer import GRefCOCODataset, ReferDataset
+
+    split = args.split or "val"
+    if args.dataset == "grefcoco":
+        kwargs = {"split_by": args.split_by} if args.split_by else {}
+        return GRefCOCODataset(args.data_root, split=split, image_root=args.image_root, **kwargs), split
+    return ReferDataset(args.data_root, args.dataset, split_by=args.split_by, split=split,
+                        image_root=args.image_root), split
+
+
+def output_stem(dataset: str, split: str, mode: str) -> str:
+    return f"{dataset}_{split}_{mode}".replace("/", "-")
+
+
+def run(args) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be >= 1")
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    model_dir = Path(args.model_dir)
+    if not model_dir.exists() and not (args.model_dir.count("/") == 1 and not args.model_dir.startswith((".", "/"))):
+        raise FileNotFoundError(f"model folder not found: {model_dir}")
+    dataset, split = build_dataset(args)
+    if len(dataset) == 0:
+        raise ValueError(f"{args.dataset} split {split!r} has no samples")
+
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModel, AutoProcessor
+
+    from ..evaluation.evaluate import evaluate_dataset
+    from ..hub.cards import METRICS, METRICS_NOTES, metrics_table
+
+    # accelerate only sets up a CPU process group (gloo) when asked for the CPU: do so when there is no accelerator,
+    # so `torchrun --nproc_per_node N -m mllmseg evaluate ...` is data-parallel on a CPU-only machine too.
+    accelerator = Accelerator(cpu=args.cpu or not _has_accelerator(torch))
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModel.from_pretrained(args.model_dir, trust_remote_code=True, dtype=dtype).eval()
+    model.to(accelerator.device)
+    processor = AutoProcessor.from_pretrained(args.model_dir, trust_remote_code=True)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = evaluate_dataset(model, processor, dataset, mode=args.mode, limit=args.limit,
+                               batch_size=args.batch_size, tiling=args.tiling, accelerator=accelerator,
+                               return_predictions=args.predictions)
+    elapsed = time.perf_counter() - start
+
+    if accelerator.is_main_process:
+        results = {
+            "model": str(args.model_dir),
+            "dataset": args.dataset,
+            "split": split,
+            "mode": args.mode,
+            "tiling": args.tiling or getattr(model.config, "seg_tiling", None),
+            "limit": args.limit,
+            "num_samples": out["num_samples"],
+            "num_processes": accelerator.num_processes,
+            "elapsed_s": round(elapsed, 3),
+            "metrics": out["metrics"],
+            "metric_labels": {key: label for key, label, _ in METRICS},
+        }
+        folder = Path(args.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = output_stem(args.dataset, split, args.mode)
+        (folder / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        table = metrics_table([results])
+        title = f"# {model_dir.name or args.model_dir}: {args.dataset} {split} ({args.mode})\n\n"
+        (folder / f"{stem}.md").write_text(title + table + "\n\n" + METRICS_NOTES + "\n", encoding="utf-8")
+        print(table)
+        print(f"results: {folder / f'{stem}.json'} and {folder / f'{stem}.md'}")
+        if args.predictions:
+            with open(folder / f"{stem}_predictions.jsonl", "w", encoding="utf-8") as f:
+                for prediction in out["predictions"]:
+                    f.write(json.dumps(prediction, default=_jsonable) + "\n")
+            print(f"predictions: {folder / f'{stem}_predictions.jsonl'} ({len(out['predictions'])} expressions)")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+def _has_accelerator(torch) -> bool:
+    try:
+        return bool(torch.accelerator.is_available())
+    except AttributeError:  # older torch
+        return torch.cuda.is_available()
+
+
+def _jsonable(value):
+    if isinstance(value, bytes):
+        return value.decode("ascii")
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
