@@ -1,0 +1,60 @@
+"""Training recipes: YAML files (`mllmseg/recipes/*.yaml`, or any path) with `key.sub=value` overrides."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def recipe_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    builtin = RECIPE_DIR / f"{name_or_path}.yaml"
+    if builtin.is_file():
+        return builtin
+    raise FileNotFoundError(f"no recipe file {name_or_path!r} and no built-in recipe of that name (built-in: {list_recipes()})")
+
+
+def apply_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`a.b.c=value` (value parsed as YAML: numbers, booleans, null, lists) sets recipe["a"]["b"]["c"]."""
+    recipe = copy.deepcopy(recipe)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value (e.g. training.max_steps=100)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = recipe
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+            node = node[part]
+        node[parts[-1]] = value
+    return recipe
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    path = recipe_path(name_or_path)
+    with open(path, "r", encoding="utf-8") as f:
+        recipe = yaml.safe_load(f) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path}: a recipe is a YAML mapping")
+    recipe = apply_overrides(recipe, overrides or [])
+    unknown = set(recipe) - {"name", "description", "model", "lora", "data", "training", "seed", "output_dir", "evaluation"}
+    if unknown:
+        raise ValueError(f"{path}: unknown recipe sections {sorted(unknown)}")
+    return recipe
+
+
+__all__ = ["load_recipe", "apply_overrides", "list_recipes", "recipe_path", "RECIPE_DIR"]

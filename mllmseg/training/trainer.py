@@ -1,0 +1,288 @@
+"""Training MLLMSeg with the Hugging Face `Trainer` (SPEC section 4).
+
+The model computes its own loss (`lm_loss_weight * CE + BCE + Dice`); the Trainer here adds:
+
+* a non-finite-loss guard: training stops with `NonFiniteLossError` naming the optimizer step;
+* atomic checkpoints: each `checkpoint-N` is written under `<output_dir>/.staging/` and renamed into place once
+  complete, so an interrupted save never leaves a half-written `checkpoint-N` that `resume_from_checkpoint=True`
+  would pick;
+* `lm_loss` / `mask_loss` in the logs, and the conversation dataset's epoch advanced at each epoch.
+
+`run_training(recipe)` builds everything from a recipe (see `mllmseg/recipes/*.yaml`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+
+from .collator import MLLMSegCollator
+from .dataset import ConversationDataset
+
+STAGING_DIR = ".staging"
+BASE_MODEL_DIR = "base-model"
+FINAL_DIR = "final"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class EpochCallback(TrainerCallback):
+    """Gives the conversation dataset the current epoch, so its random prompt choices change per epoch."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(int(state.epoch or 0))
+
+
+class MLLMSegTrainer(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The model's loss mixes a token-averaged CE with a per-mask average: let the Trainer scale it for gradient
+        # accumulation instead of passing num_items_in_batch into the model.
+        self.model_accepts_loss_kwargs = False
+        self._part_losses: dict[str, list[torch.Tensor]] = {"lm_loss": [], "mask_loss": []}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        if outputs.loss is None:
+            raise ValueError("the model returned no loss: the batch needs labels and/or masks")
+        for key in self._part_losses:
+            value = getattr(outputs, key, None)
+            if value is not None:
+                self._part_losses[key].append(value.detach().float())
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        bad = torch.tensor(float(not torch.isfinite(loss.detach()).all()), device=loss.device)
+        if self.accelerator.num_processes > 1:  # every rank stops together
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if float(bad) > 0:
+            raise NonFiniteLossError(
+                f"non-finite training loss ({float(loss):.4g} on this process) at step {self.state.global_step + 1} "
+                f"(epoch {self.state.epoch or 0:.2f}); stopping. Lower the learning rate, check the data, or resume "
+                "from the last checkpoint."
+            )
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            for key, values in self._part_losses.items():
+                if values:
+                    logs[key] = round(float(torch.stack(values).mean()), 4)
+                values.clear()
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.exists(staged):
+            shutil.rmtree(staged)
+        self.accelerator.wait_for_everyone()
+        original = self.args.output_dir
+        self.args.output_dir = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = original
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG states, sharded optimizer) are in
+        if self.args.should_save:
+            if self.state.best_model_checkpoint == staged:
+                self.state.best_model_checkpoint = final
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            try:
+                os.rmdir(staging_root)
+            except OSError:
+                pass
+            fd = os.open(run_dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self.accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building from a recipe
+# ----------------------------------------------------------------------------------------------------------------
+def build_model_and_processor(model_cfg: dict[str, Any], seed: int = 0):
+    """`model:` section -> (model, processor, base_path). Exactly one of `tiny`, `internvl`, `pretrained`."""
+    from ..tiny import build_processor, build_tiny_model, build_tiny_tokenizer
+
+    sources = [k for k in ("tiny", "internvl", "pretrained") if model_cfg.get(k) is not None]
+    if len(sources) != 1:
+        raise ValueError(f"the model section needs exactly one of tiny / internvl / pretrained, got {sources or 'none'}")
+    dtype = getattr(torch, model_cfg.get("dtype", "float32"))
+    system_message = model_cfg.get("system_message")
+    base_path = None
+    if model_cfg.get("tiny") is not None:
+        tiny = dict(model_cfg["tiny"] or {})
+        model, tokenizer = build_tiny_model(build_tiny_tokenizer(), seed=seed, **tiny)
+        processor = build_processor(tokenizer, model.config, system_message=system_message)
+    elif model_cfg.get("internvl") is not None:
+        from ..base_checkpoint import from_internvl
+
+        model, tokenizer = from_internvl(model_cfg["internvl"], **dict(model_cfg.get("config") or {}))
+        processor = build_processor(tokenizer, model.config, system_message=system_message)
+        processor.bos_token_in_prompt = bool(model_cfg.get("bos_token_in_prompt", False))
+    else:
+        from ..remote_code.modeling_mllmseg import MLLMSegForConditionalGeneration
+        from ..remote_code.processing_mllmseg import MLLMSegProcessor
+
+        base_path = str(model_cfg["pretrained"])
+        model = MLLMSegForConditionalGeneration.from_pretrained(base_path, dtype=dtype)
+        processor = MLLMSegProcessor.from_pretrained(base_path)
+    model = model.to(dtype)
+    return model, processor, base_path
+
+
+def build_samples(specs) -> Any:
+    """`data.train:` list of sources -> one sequence of `ReferringSample`."""
+    from ..data.refer import GRefCOCODataset, ReferDataset
+    from ..data.synthetic import SyntheticReferringDataset
+
+    if isinstance(specs, dict):
+        specs = [specs]
+    parts = []
+    for spec in specs:
+        spec = dict(spec)
+        kind = spec.pop("type", None)
+        if kind == "synthetic":
+            for key in ("image_size", "size_range"):
+                if key in spec:
+                    spec[key] = tuple(spec[key])
+            parts.append(SyntheticReferringDataset(**spec))
+        elif kind == "refer":
+            parts.append(ReferDataset(**spec))
+        elif kind == "grefcoco":
+            parts.append(GRefCOCODataset(**spec))
+        else:
+            raise ValueError(f"unknown data source type {kind!r} (synthetic, refer, grefcoco)")
+    return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+
+
+def training_arguments(recipe: dict[str, Any], output_dir: str) -> TrainingArguments:
+    kwargs = dict(recipe.get("training") or {})
+    for key, value in list(kwargs.items()):
+        if key.endswith("_strategy") and value is False:  # YAML reads a bare `no` as false
+            kwargs[key] = "no"
+    kwargs.setdefault("remove_unused_columns", False)
+    deepspeed = kwargs.get("deepspeed")
+    if isinstance(deepspeed, str) and not os.path.isfile(deepspeed):
+        from .recipes import RECIPE_DIR
+
+        builtin = RECIPE_DIR / deepspeed
+        if not builtin.is_file():
+            raise FileNotFoundError(f"DeepSpeed config {deepspeed} not found (built-in: zero1.json, zero2.json)")
+        kwargs["deepspeed"] = str(builtin)
+    if kwargs["remove_unused_columns"]:
+        raise ValueError("training.remove_unused_columns must stay false (the collator builds the model inputs)")
+    kwargs.setdefault("report_to", "none")
+    kwargs.setdefault("seed", int(recipe.get("seed", 0)))
+    if not torch.cuda.is_available():
+        kwargs.setdefault("use_cpu", True)
+    return TrainingArguments(output_dir=output_dir, **kwargs)
+
+
+def build_trainer(recipe: dict[str, Any], output_dir: str | None = None, callbacks=None):
+    """Everything `run_training` needs: (trainer, processor, info)."""
+    from .lora import LoraRecipe, apply_lora, trainable_parameter_counts
+
+    output_dir = str(output_dir or recipe.get("output_dir") or "outputs/" + str(recipe.get("name", "run")))
+    seed = int(recipe.get("seed", 0))
+    args = training_arguments(recipe, output_dir)
+    model, processor, base_path = build_model_and_processor(dict(recipe.get("model") or {}), seed=seed)
+    lora_cfg = recipe.get("lora")
+    if lora_cfg:
+        if base_path is None:
+            # The adapter needs a base to load onto: the model as it starts (new token rows, decoder init).
+            base_path = os.path.join(output_dir, BASE_MODEL_DIR)
+            if args.should_save and not os.path.exists(os.path.join(base_path, "config.json")):
+                model.save_pretrained(base_path)
+                processor.save_pretrained(base_path)
+        model = apply_lora(model, LoraRecipe(**lora_cfg))
+        model.peft_config["default"].base_model_name_or_path = os.path.abspath(base_path)
+    if args.gradient_checkpointing:
+        args.gradient_checkpointing_kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+    data_cfg = dict(recipe.get("data") or {})
+    if "train" not in data_cfg:
+        raise ValueError("the recipe has no data.train section")
+    train_dataset = ConversationDataset(
+        build_samples(data_cfg["train"]),
+        seed=seed,
+        max_expressions=int(data_cfg.get("max_expressions", 5)),
+        jpeg_prob=float(data_cfg.get("jpeg_prob", 0.0)),
+        eval_prompt_prob=float(data_cfg.get("eval_prompt_prob", 0.0)),
+    )
+    collator = MLLMSegCollator(processor, tiling=data_cfg.get("tiling", "single"), max_length=data_cfg.get("max_length"))
+    trainer = MLLMSegTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=[EpochCallback(train_dataset), *(callbacks or [])],
+    )
+    info = {"output_dir": output_dir, "base_model": base_path, "trainable": trainable_parameter_counts(model)}
+    return trainer, processor, info
+
+
+def save_final(trainer, processor, output_dir: str) -> str:
+    """Final weights to `<output_dir>/final`: a remote-code checkpoint (full fine-tuning) or a LoRA adapter, both
+    with the processor."""
+    final = os.path.join(output_dir, FINAL_DIR)
+    trainer.save_model(final)
+    if trainer.args.should_save:
+        processor.save_pretrained(final)
+    return final
+
+
+def run_training(recipe: dict[str, Any], output_dir: str | None = None, resume: bool | str | None = None,
+                 callbacks=None) -> dict[str, Any]:
+    """Train from a recipe; `resume=None` resumes when the output folder already holds a checkpoint."""
+    trainer, processor, info = build_trainer(recipe, output_dir, callbacks=callbacks)
+    out = info["output_dir"]
+    if resume is None:
+        resume = os.path.isdir(out) and get_last_checkpoint(out) is not None
+    if trainer.is_world_process_zero():
+        t = info["trainable"]
+        print(f"trainable parameters: {t['trainable']:,} of {t['all']:,} (" + ", ".join(f"{k} {v:,}" for k, v in t.items() if k not in ("trainable", "all") and v) + ")")
+    result = trainer.train(resume_from_checkpoint=resume or None)
+    final = save_final(trainer, processor, out)
+    summary = {"global_step": trainer.state.global_step, "train_loss": result.training_loss, "final": final,
+               "base_model": info["base_model"], "trainable": info["trainable"]}
+    if trainer.is_world_process_zero():
+        Path(out, "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return {**summary, "trainer": trainer, "processor": processor}
+
+
+__all__ = [
+    "MLLMSegTrainer",
+    "NonFiniteLossError",
+    "EpochCallback",
+    "build_trainer",
+    "run_training",
+    "save_final",
+    "STAGING_DIR",
+]

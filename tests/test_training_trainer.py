@@ -1,0 +1,139 @@
+"""HF Trainer integration: NaN guard, atomic checkpoints, kill -9 + resume, two-process gloo run, LoRA merge."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mllmseg.training.recipes import load_recipe
+from mllmseg.training.trainer import NonFiniteLossError, build_trainer, run_training
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = [
+    "model.tiny.image_size=56", "model.tiny.vision_width=32", "model.tiny.text_width=32",
+    "data.train.image_size=[56,56]", "training.per_device_train_batch_size=2", "training.logging_steps=1",
+    "training.warmup_steps=0", "training.dataloader_num_workers=0",
+]
+
+
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO))
+    return env
+
+
+def test_nan_loss_stops_training_naming_the_step(tmp_path):
+    trainer, _, _ = build_trainer(load_recipe("tiny", FAST + ["training.max_steps=5", "training.save_strategy=no"]),
+                                  output_dir=str(tmp_path))
+    with torch.no_grad():
+        trainer.model.lm_head.weight[3, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"at step 1\b"):
+        trainer.train()
+
+
+def test_kill_and_resume_keeps_step_and_optimizer_state(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mllmseg", "train", "tiny", "--output-dir", str(out), *FAST,
+           "training.max_steps=400", "training.save_steps=3", "training.save_total_limit=2"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not any(out.glob("checkpoint-*")):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # only complete checkpoints are visible (staged saves are renamed into place)
+    steps = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    last = steps[-1]
+    for s in steps:
+        assert (out / f"checkpoint-{s}" / "trainer_state.json").is_file()
+        assert (out / f"checkpoint-{s}" / "optimizer.pt").is_file()
+    saved_opt = torch.load(out / f"checkpoint-{last}" / "optimizer.pt", weights_only=True)
+    assert int(next(iter(saved_opt["state"].values()))["step"]) == last
+
+    recipe = load_recipe("tiny", FAST + [f"training.max_steps={last + 2}", "training.save_steps=1000"])
+    result = run_training(recipe, output_dir=str(out), resume=None)  # None: resumes because a checkpoint exists
+    trainer = result["trainer"]
+    assert trainer.state.global_step == last + 2
+    history_steps = [h["step"] for h in trainer.state.log_history if "loss" in h]
+    assert history_steps[-2:] == [last + 1, last + 2]  # continued, not restarted
+    opt_steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
+    assert opt_steps == {last + 2}  # Adam moments were loaded (a fresh optimizer would be at 2)
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_two_process_gloo_training(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(
+        "import json, os, sys, torch\n"
+        "from transformers import TrainerCallback\n"
+        "from mllmseg.training.recipes import load_recipe\n"
+        "from mllmseg.training.trainer import run_training\n"
+        "class Record(TrainerCallback):\n"
+        "    losses = []\n"
+        "    def on_log(self, args, state, control, logs=None, **kw):\n"
+        "        if logs and 'loss' in logs: self.losses.append(float(logs['loss']))\n"
+        "out, *overrides = sys.argv[1:]\n"
+        "res = run_training(load_recipe('tiny', overrides), output_dir=out, callbacks=[Record()])\n"
+        "tr = res['trainer']\n"
+        "params = torch.cat([p.detach().flatten() for p in tr.model.parameters()])\n"
+        "rank = int(os.environ.get('RANK', 0))\n"
+        "json.dump({'world': tr.args.world_size, 'step': tr.state.global_step, 'losses': Record.losses,\n"
+        "           'param_sum': float(params.double().sum()), 'param_abs': float(params.double().abs().sum()),\n"
+        "           'backend': str(torch.distributed.get_backend()) if torch.distributed.is_initialized() else None},\n"
+        "          open(os.path.join(out, f'rank{rank}.json'), 'w'))\n"
+    )
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(script), str(out), *FAST, "training.max_steps=3", "training.save_steps=3"]
+    run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=200)
+    assert run.returncode == 0, run.stderr[-4000:]
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2 and r0["backend"] == "gloo"
+    assert r0["step"] == r1["step"] == 3
+    assert len(r0["losses"]) == 3 and r0["losses"] == r1["losses"]
+    assert r0["param_sum"] == r1["param_sum"] and r0["param_abs"] == r1["param_abs"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert not (out / ".staging").exists()
+    assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors"} <= {p.name for p in (out / "checkpoint-3").iterdir()}
+
+
+def test_merge_lora_matches_adapter_model(tmp_path):
+    from mllmseg.data.synthetic import SyntheticReferringDataset
+    from mllmseg.remote_code.modeling_mllmseg import MLLMSegForConditionalGeneration
+    from mllmseg.training.collator import MLLMSegCollator
+    from mllmseg.training.dataset import ConversationDataset
+    from mllmseg.training.merge import load_adapter_model
+
+    recipe = load_recipe("tiny", FAST + ["training.max_steps=3", "training.save_strategy=no",
+                                         "training.learning_rate=0.02", "lora={r: 4, alpha: 8, dropout: 0.0}"])
+    result = run_training(recipe, output_dir=str(tmp_path / "lora"))
+    adapter = tmp_path / "lora" / "final"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    merged_dir = tmp_path / "merged"
+    run = subprocess.run([sys.executable, "-m", "mllmseg", "merge-lora", str(adapter), str(merged_dir)],
+                         env=_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert not any("lora" in n for n in json.loads((merged_dir / "config.json").read_text()))
+
+    adapted = load_adapter_model(adapter)
+    merged = MLLMSegForConditionalGeneration.from_pretrained(merged_dir).eval()
+    processor = result["processor"]
+    ds = ConversationDataset(SyntheticReferringDataset(2, seed=5, split="x", image_size=(56, 56)))
+    batch = MLLMSegCollator(processor)([ds[0], ds[1]])
+    with torch.no_grad():
+        a, b = adapted(**batch), merged(**batch)
+        base = MLLMSegForConditionalGeneration.from_pretrained(result["base_model"]).eval()(**batch)
+    assert (a.logits - base.logits).abs().max() > 1e-3  # the adapter changed the model
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-5, rtol=0)
+    for pa, pb in zip(a.pred_masks, b.pred_masks):
+        torch.testing.assert_close(pb, pa, atol=1e-5, rtol=0)
