@@ -1,0 +1,41 @@
+"""Recipes: built-in YAML files carry SPEC section 4's values; overrides; the train CLI's argument handling."""
+import json
+
+import pytest
+
+from mllmseg.cli import main
+from mllmseg.training.recipes import RECIPE_DIR, apply_overrides, list_recipes, load_recipe
+
+
+def test_builtin_recipes_follow_the_paper():
+    assert {"tiny", "res_8b", "gres_8b"} <= set(list_recipes())
+    for name, steps in (("res_8b", 50000), ("gres_8b", 20000)):
+        r = load_recipe(name)
+        t = r["training"]
+        assert t["max_steps"] == steps and t["learning_rate"] == 4e-5 and t["lr_scheduler_type"] == "cosine"
+        assert t["warmup_ratio"] == 0.03 and t["weight_decay"] == 0.05 and t["bf16"] and t["gradient_checkpointing"]
+        assert t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * 4 == 32
+        assert r["lora"] == {"r": 64, "alpha": 128, "dropout": 0.05, "embeddings": "new_tokens"}
+        assert (RECIPE_DIR / t["deepspeed"]).is_file()
+        assert json.loads((RECIPE_DIR / t["deepspeed"]).read_text())["zero_optimization"]["stage"] == 1
+    assert [d["dataset"] for d in load_recipe("res_8b")["data"]["train"]] == ["refclef", "refcoco", "refcoco+", "refcocog"]
+    assert load_recipe("gres_8b")["data"]["train"][0]["type"] == "grefcoco"
+    assert json.loads((RECIPE_DIR / "zero2.json").read_text())["zero_optimization"]["stage"] == 2
+
+
+def test_overrides():
+    r = apply_overrides({"training": {"max_steps": 5}}, ["training.max_steps=7", "lora.r=8", "model.tiny.text_width=32",
+                                                         "data.train.image_size=[56, 56]"])
+    assert r["training"]["max_steps"] == 7 and r["lora"] == {"r": 8} and r["data"]["train"]["image_size"] == [56, 56]
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides({}, ["training.max_steps"])
+    with pytest.raises(ValueError, match="unknown recipe sections"):
+        load_recipe("tiny", ["trainig.max_steps=3"])
+
+
+def test_train_cli_print_recipe_and_errors(capsys):
+    assert main(["train", "tiny", "training.max_steps=9", "--print-recipe"]) == 0
+    assert "max_steps: 9" in capsys.readouterr().out
+    assert main(["train", "no-such-recipe"]) == 2
+    assert "no recipe file" in capsys.readouterr().err
+    assert main(["merge-lora", "/nonexistent/adapter", "/tmp/x"]) == 2
