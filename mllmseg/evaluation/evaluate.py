@@ -42,7 +42,8 @@ def evaluate_dataset(
     expression is scored on the mask of its `[SEG]` slot whatever was decided there (the mask of the all-`[SEG]`
     pass, which the fast mode computes anyway).
     """
-    indices = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
+    num_samples = len(dataset) if limit is None else min(limit, len(dataset))
+    indices = list(range(num_samples))
     if accelerator is not None:
         with accelerator.split_between_processes(indices) as mine:
             indices = list(mine)
@@ -97,7 +98,7 @@ def evaluate_dataset(
         state = merge_states(states)
         if return_predictions:
             predictions = gather_object(predictions)
-    out: dict[str, Any] = {"metrics": compute_metrics(state), "mode": mode, "num_samples": len(dataset) if limit is None else min(limit, len(dataset))}
+    out: dict[str, Any] = {"metrics": compute_metrics(state), "mode": mode, "num_samples": num_samples}
     if return_predictions:
         out["predictions"] = predictions
     return out

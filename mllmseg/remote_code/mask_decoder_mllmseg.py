@@ -188,13 +188,6 @@ class DSFFMaskDecoder(nn.Module):
         """One mask per row: `[M, G*G, D]`, `[M, g*g, T]`, `[M, T]` -> logits `[M, S, S]`."""
         return self.decode(self.fuse_image(vit_features, llm_image_states), seg_embeddings)
 
-    @torch.no_grad()
-    def reset_parameters(self):
-        """The reference initialisation: xavier-uniform on every parameter with more than one dimension."""
-        for param in self.parameters():
-            if param.dim() > 1:
-                nn.init.xavier_uniform_(param)
-
 
 def count_mask_decoder_parameters(vision_dim: int, text_dim: int, vision_grid: int = 32, patch_size: int = 14) -> int:
     """Parameter count of the DSFF decoder for given widths, built on the meta device (no memory)."""
