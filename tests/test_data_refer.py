@@ -329,3 +329,18 @@ def test_hub_adapter_image_column_and_errors(mini):
     ds[0]
     with pytest.raises(ValueError, match=rf"ref_id {broken[1]['ref_id']}: column 'raw_anns' is not valid JSON"):
         ds[1]
+
+
+def test_recipe_hub_source_reads_a_saved_dataset(tmp_path, mini):
+    import datasets
+
+    from mllmseg.training.trainer import build_samples
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(_hub_rows(mini))}).save_to_disk(tmp_path / "hub")
+    samples = build_samples([{"type": "hub", "path": str(tmp_path / "hub"), "hub_split": "train",
+                              "image_root": str(tmp_path), "split": "val"}])
+    assert len(samples) == 5 and {s.split for s in samples} == {"val"}
+    referent = samples[0].referents[0]
+    assert int(referent.mask.sum()) == mini["verification"][referent.ref_id]["mask_area_px"]
+    with pytest.raises(ValueError, match="no split 'test'"):
+        build_samples({"type": "hub", "path": str(tmp_path / "hub"), "hub_split": "test"})

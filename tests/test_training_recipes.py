@@ -27,6 +27,9 @@ def test_overrides():
     r = apply_overrides({"training": {"max_steps": 5}}, ["training.max_steps=7", "lora.r=8", "model.tiny.text_width=32",
                                                          "data.train.image_size=[56, 56]"])
     assert r["training"]["max_steps"] == 7 and r["lora"] == {"r": 8} and r["data"]["train"]["image_size"] == [56, 56]
+    # YAML 1.1 reads "1e-3" as a string; a learning rate typed that way must still be a number.
+    r = apply_overrides({}, ["training.learning_rate=1e-3", "model.internvl=/models/x", "name=tiny-1"])
+    assert r["training"]["learning_rate"] == 1e-3 and r["model"]["internvl"] == "/models/x" and r["name"] == "tiny-1"
     with pytest.raises(ValueError, match="key=value"):
         apply_overrides({}, ["training.max_steps"])
     with pytest.raises(ValueError, match="unknown recipe sections"):

@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     parser.add_argument("--predictions", action="store_true", help="also write per-expression predictions (JSONL, RLE)")
     parser.add_argument("--num-images", type=int, default=16, help="synthetic: number of images")
     parser.add_argument("--seed", type=int, default=0, help="synthetic: seed")
-    parser.add_argument("--image-size", type=int, default=224, help="synthetic: square image side")
+    parser.add_argument("--image-size", type=int, help="synthetic: square image side (default: the tiny recipe's)")
     parser.set_defaults(func=run)
 
 
@@ -42,9 +42,13 @@ def build_dataset(args):
     if args.dataset == "synthetic":
         from ..data.synthetic import SyntheticReferringDataset
 
+        from ..training.recipes import synthetic_scene_kwargs
+
+        kwargs = synthetic_scene_kwargs("tiny")  # what the quickstart trains on, drawn from a held-out split
+        if args.image_size:
+            kwargs["image_size"] = (args.image_size, args.image_size)
         split = args.split or "validation"
-        return SyntheticReferringDataset(args.num_images, seed=args.seed, split=split,
-                                         image_size=(args.image_size, args.image_size)), split
+        return SyntheticReferringDataset(args.num_images, seed=args.seed, split=split, **kwargs), split
     if not args.data_root:
         raise ValueError(f"--data-root is required for --dataset {args.dataset}")
     from ..data.refer import GRefCOCODataset, ReferDataset

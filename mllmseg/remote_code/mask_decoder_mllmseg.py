@@ -112,8 +112,11 @@ class DySampleUpsampler(nn.Module):
         coords = 2 * (centres + offset) / normaliser - 1
         coords = F.pixel_shuffle(coords.reshape(bsz, -1, h, w), self.scale)
         coords = coords.view(bsz, 2, -1, self.scale * h, self.scale * w).permute(0, 2, 3, 4, 1).flatten(0, 1)
+        # contiguous(): `x` usually arrives channel-strided (a transposed token matrix), and torch's CPU grid_sample
+        # returns garbage (NaN, 1e38) for such bfloat16 inputs (seen with torch 2.13); float32 is unaffected.
         out = F.grid_sample(
-            x.reshape(bsz * self.groups, -1, h, w), coords, mode="bilinear", align_corners=False, padding_mode="border"
+            x.reshape(bsz * self.groups, -1, h, w).contiguous(), coords, mode="bilinear", align_corners=False,
+            padding_mode="border",
         )
         return out.view(bsz, -1, self.scale * h, self.scale * w)
 

@@ -32,6 +32,12 @@ def apply_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, A
             raise ValueError(f"override {item!r} is not key=value (e.g. training.max_steps=100)")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw != "" else ""
+        if isinstance(value, str):
+            # PyYAML follows YAML 1.1, where "1e-3" (no dot) is a string: read it as the number the user meant.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         node = recipe
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -57,4 +63,18 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> dict[s
     return recipe
 
 
-__all__ = ["load_recipe", "apply_overrides", "list_recipes", "recipe_path", "RECIPE_DIR"]
+def synthetic_scene_kwargs(recipe: dict[str, Any] | str = "tiny") -> dict[str, Any]:
+    """`SyntheticReferringDataset` keyword arguments of a recipe's (first) synthetic training source, without its
+    length, split and seed: held-out sets drawn from the training distribution."""
+    if isinstance(recipe, str):
+        recipe = load_recipe(recipe)
+    sources = recipe["data"]["train"]
+    sources = [sources] if isinstance(sources, dict) else sources
+    synthetic = [s for s in sources if s.get("type") == "synthetic"]
+    if not synthetic:
+        raise ValueError(f"recipe {recipe.get('name')!r} has no synthetic data source")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in synthetic[0].items()
+            if k not in ("type", "num_images", "split", "seed")}
+
+
+__all__ = ["load_recipe", "synthetic_scene_kwargs", "apply_overrides", "list_recipes", "recipe_path", "RECIPE_DIR"]

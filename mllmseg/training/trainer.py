@@ -157,6 +157,24 @@ def build_model_and_processor(model_cfg: dict[str, Any], seed: int = 0):
     return model, processor, base_path
 
 
+def hub_samples(path: str, hub_split: str = "train", image_root: str | None = None, split=None, text_key: str = "sent"):
+    """A `jxu124/refcoco`-schema dataset: a folder written by `Dataset.save_to_disk`, or a Hub id (downloaded by
+    `datasets.load_dataset` only because the recipe names it; offline runs need it in the local cache)."""
+    import datasets
+
+    from ..data.hub_refcoco import HubRefCOCODataset
+
+    if any((Path(path) / name).is_file() for name in ("dataset_info.json", "dataset_dict.json")):
+        dataset = datasets.load_from_disk(path)
+    else:
+        dataset = datasets.load_dataset(path, split=hub_split)
+    if isinstance(dataset, datasets.DatasetDict):
+        if hub_split not in dataset:
+            raise ValueError(f"{path}: no split {hub_split!r} (has {sorted(dataset)})")
+        dataset = dataset[hub_split]
+    return HubRefCOCODataset(dataset, image_root=image_root, split=split, text_key=text_key)
+
+
 def build_samples(specs) -> Any:
     """`data.train:` list of sources -> one sequence of `ReferringSample`."""
     from ..data.refer import GRefCOCODataset, ReferDataset
@@ -177,8 +195,10 @@ def build_samples(specs) -> Any:
             parts.append(ReferDataset(**spec))
         elif kind == "grefcoco":
             parts.append(GRefCOCODataset(**spec))
+        elif kind == "hub":
+            parts.append(hub_samples(**spec))
         else:
-            raise ValueError(f"unknown data source type {kind!r} (synthetic, refer, grefcoco)")
+            raise ValueError(f"unknown data source type {kind!r} (synthetic, refer, grefcoco, hub)")
     return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
 
 
@@ -252,9 +272,25 @@ def save_final(trainer, processor, output_dir: str) -> str:
     """Final weights to `<output_dir>/final`: a remote-code checkpoint (full fine-tuning) or a LoRA adapter, both
     with the processor."""
     final = os.path.join(output_dir, FINAL_DIR)
-    trainer.save_model(final)
+    staged = os.path.join(output_dir, STAGING_DIR, FINAL_DIR)
+    if trainer.args.should_save and os.path.exists(staged):
+        shutil.rmtree(staged)
+    trainer.save_model(staged)
     if trainer.args.should_save:
-        processor.save_pretrained(final)
+        processor.save_pretrained(staged)
+        # The pickled TrainingArguments stay in the checkpoints; a final model folder carries no pickle file
+        # (releases refuse them), and the arguments are in train_summary.json's recipe anyway.
+        args_file = os.path.join(staged, "training_args.bin")
+        if os.path.exists(args_file):
+            os.remove(args_file)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(staged, final)  # a reader never sees a half-written final/
+        try:
+            os.rmdir(os.path.dirname(staged))
+        except OSError:
+            pass
+    trainer.accelerator.wait_for_everyone()
     return final
 
 
@@ -271,9 +307,11 @@ def run_training(recipe: dict[str, Any], output_dir: str | None = None, resume: 
     result = trainer.train(resume_from_checkpoint=resume or None)
     final = save_final(trainer, processor, out)
     summary = {"global_step": trainer.state.global_step, "train_loss": result.training_loss, "final": final,
-               "base_model": info["base_model"], "trainable": info["trainable"]}
+               "base_model": info["base_model"], "trainable": info["trainable"], "recipe": recipe}
     if trainer.is_world_process_zero():
-        Path(out, "train_summary.json").write_text(json.dumps(summary, indent=2))
+        tmp = Path(out, "train_summary.json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
+        os.replace(tmp, Path(out, "train_summary.json"))
     return {**summary, "trainer": trainer, "processor": processor}
 
 

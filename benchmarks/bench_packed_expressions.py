@@ -1,0 +1,183 @@
+"""Benchmark 2: several expressions of one image in one forward.
+
+Three ways to segment E expressions of one image, timed side by side:
+
+* `separate` (the plain way): E calls `model.segment(processor, image, [e])`, one expression each: E times the ViT,
+  E times the LLM prefill over the 256 image tokens, E times the decoder's image fusion.
+* `packed`: `model.segment(processor, image, [e1, ..., eE])`, the paper's evaluation protocol: one teacher-forced
+  forward over one conversation that lists every expression (`"What are e1, e2...?"` / `"Sure,e1:[SEG], e2:[SEG]."`);
+  the ViT, the prefill and the image fusion run once, the decoder head once per `[SEG]`.
+* `shared_prefix` (written here): the E one-expression conversations of `separate`, but the image is encoded once,
+  the LLM runs once over the common prefix (system turn + image tokens) and the E suffixes run as one batch on a
+  copy of that prefix's KV cache; image fusion once, one decoder head per expression.
+
+Equality: `shared_prefix` computes exactly what `separate` computes (same conversations), so its masks must match
+(allclose on mask probabilities, equal binary masks and `[REJ]` decisions). `packed` is a *different conversation*
+(each `[SEG]` state also sees the other expressions, and the question lists them all), so its masks are not
+expected to equal `separate`'s: what must be, and is checked, equal is everything image-side (ViT features and the
+LLM image states `T_img^2`, which precede the question in a causal LM), and the packed masks equal a plain
+recomputation of the same conversation with the decoder run from scratch per `[SEG]` (no shared fusion). The
+agreement of packed vs separate masks is printed as a figure, not asserted.
+
+    .venv/bin/python benchmarks/bench_packed_expressions.py [--quick] [--repeats 5] [--expressions 5]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from _common import (describe, interleaved, machine, median, mid_model, predict_masks, random_image, ratio_line,
+                     single_thread)
+
+from mllmseg.remote_code.conversation_mllmseg import evaluation_prompt
+
+EXPRESSIONS = ["the red circle", "the big blue square", "the small green triangle on the left", "all shapes",
+               "the yellow star", "the thing in the middle", "the two cars"]
+
+
+@torch.inference_mode()
+def separate(model, processor, image, expressions):
+    return [model.segment(processor, image, [e]) for e in expressions]
+
+
+@torch.inference_mode()
+def packed(model, processor, image, expressions):
+    return model.segment(processor, image, list(expressions))
+
+
+@torch.inference_mode()
+def shared_prefix(model, processor, image, expressions, threshold: float = 0.5):
+    """`separate`'s conversations with one ViT pass, one prefix prefill and one image fusion.
+
+    Returns `(probabilities (E, h, w), masks (E, h, w) bool, rejected (E,))` as `separate` computes them.
+    """
+    prompts = [evaluation_prompt([e]) for e in expressions]
+    n = len(prompts)
+    batch = processor(images=[image] * n, text=[q for q, _ in prompts], answers=[a for _, a in prompts],
+                      tiling="single")
+    ids, attention = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+    tiles = int(batch["num_tiles"][0])
+    # Longest common prefix of the conversations (all the image tokens are in it).
+    same = (ids == ids[:1]).all(0) & attention.bool().all(0)
+    prefix = int(same.long().cumprod(0).sum())
+    image_pos = (ids[0] == model.config.image_token_id).nonzero().flatten()
+    if prefix <= int(image_pos.max()):
+        raise ValueError("the conversations share no prefix covering the image")
+    image_outputs = model.get_image_features(batch["pixel_values"][:tiles].to(model.device, model.dtype),
+                                             return_dict=True)
+    head = model.model(input_ids=ids[:1, :prefix], mm_encoder_outputs={"image": image_outputs}, use_cache=True)
+    cache = head.past_key_values
+    cache.batch_repeat_interleave(n)
+    length = ids.shape[1]
+    positions = torch.arange(prefix, length, device=ids.device).expand(n, -1)
+    tail = model.model(input_ids=ids[:, prefix:], attention_mask=attention, past_key_values=cache,
+                       position_ids=positions, use_cache=False)
+    hidden = torch.cat([head.last_hidden_state.expand(n, -1, -1), tail.last_hidden_state], dim=1)
+    seg_emb, seg_sample = model.seg_embeddings(ids, hidden)
+    if seg_sample.tolist() != list(range(n)):
+        raise ValueError("expected one [SEG] per conversation")
+    logits = predict_masks(
+        model, ids[:1], head.last_hidden_state, image_outputs, seg_emb,
+        torch.zeros_like(seg_sample),  # every [SEG] reads the one shared image
+        torch.tensor([tiles], device=ids.device), batch["tile_grids"][:1].to(ids.device),
+    )[0]
+    slot = model.lm_head(seg_emb).float()
+    rejected = (slot.argmax(-1) == model.config.rej_token_id).cpu()
+    probs, masks = processor.post_process_masks(logits.cpu(), batch["original_sizes"][0], threshold)
+    return probs, masks & ~rejected[:, None, None], rejected
+
+
+@torch.inference_mode()
+def packed_plain_reference(model, processor, image, expressions):
+    """The packed conversation recomputed plainly: one forward for the states, then the whole decoder (fusion
+    included) run separately for each [SEG]. Returns mask logits (E, S, S)."""
+    question, answer = evaluation_prompt(list(expressions))
+    batch = processor(images=[image], text=[question], answers=[answer], tiling="single")
+    pixel_values = batch["pixel_values"].to(model.device, model.dtype)
+    ids = batch["input_ids"].to(model.device)
+    out = model.model(input_ids=ids, attention_mask=batch["attention_mask"].to(model.device), pixel_values=pixel_values)
+    hidden = out.last_hidden_state
+    vit = model.get_image_features(pixel_values, return_dict=True).last_hidden_state[:, -model.config.vision_grid ** 2 :]
+    llm_image = model.llm_image_states(ids, hidden)
+    seg_emb, _ = model.seg_embeddings(ids, hidden)
+    return torch.cat([model.mask_decoder(vit, llm_image, seg_emb[i : i + 1]) for i in range(seg_emb.shape[0])])
+
+
+@torch.inference_mode()
+def image_side(model, processor, image, expressions):
+    """ViT features and T_img^2 of a conversation (to show they do not depend on the expressions)."""
+    question, answer = evaluation_prompt(list(expressions))
+    batch = processor(images=[image], text=[question], answers=[answer], tiling="single")
+    ids = batch["input_ids"]
+    vit = model.get_image_features(batch["pixel_values"].to(model.dtype), return_dict=True).last_hidden_state
+    hidden = model.model(input_ids=ids, pixel_values=batch["pixel_values"].to(model.dtype)).last_hidden_state
+    return vit, model.llm_image_states(ids, hidden)
+
+
+def check(model, processor, image, expressions) -> dict:
+    sep = separate(model, processor, image, expressions)
+    sep_probs = torch.cat([r.probabilities for r in sep])
+    sep_masks = torch.cat([r.masks for r in sep])
+    sep_rej = torch.cat([r.rejected for r in sep])
+    sp_probs, sp_masks, sp_rej = shared_prefix(model, processor, image, expressions)
+    pk = packed(model, processor, image, expressions)
+    ref_logits = packed_plain_reference(model, processor, image, expressions)
+    with torch.inference_mode():
+        question, answer = evaluation_prompt(list(expressions))
+        batch = processor(images=[image], text=[question], answers=[answer], tiling="single")
+        pk_logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}).pred_masks[0]
+    vit_a, img_a = image_side(model, processor, image, expressions)
+    vit_b, img_b = image_side(model, processor, image, expressions[:1])
+    return {
+        "shared_prefix_vs_separate_max_prob_diff": float((sp_probs - sep_probs).abs().max()),
+        "shared_prefix_vs_separate_masks_equal": bool(torch.equal(sp_masks, sep_masks) and torch.equal(sp_rej, sep_rej)),
+        "packed_vs_plain_decoder_max_logit_diff": float((pk_logits - ref_logits).abs().max()),
+        "image_side_max_diff": max(float((vit_a - vit_b).abs().max()), float((img_a - img_b).abs().max())),
+        "packed_vs_separate_max_prob_diff": float((pk.probabilities - sep_probs).abs().max()),
+        "packed_vs_separate_pixel_agreement": float((pk.masks == sep_masks).float().mean()),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller model and fewer repeats")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--expressions", type=int, default=5)
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 5)
+    single_thread()
+    model, processor = mid_model(quick=args.quick)
+    print(f"# 2. Packed expressions: one segment call with {args.expressions} expressions vs one call each\n{machine()}")
+    print(describe(model))
+    image = random_image()
+    expressions = EXPRESSIONS[: args.expressions]
+    c = check(model, processor, image, expressions)
+    print(f"shared_prefix vs separate: max |prob diff| {c['shared_prefix_vs_separate_max_prob_diff']:.2e}, binary masks "
+          f"and [REJ] equal: {c['shared_prefix_vs_separate_masks_equal']}")
+    print(f"packed vs the same conversation decoded per [SEG] from scratch: max |logit diff| "
+          f"{c['packed_vs_plain_decoder_max_logit_diff']:.2e}; image-side features (ViT, T_img^2) packed vs one "
+          f"expression: max |diff| {c['image_side_max_diff']:.2e}")
+    print(f"packed vs separate (different conversations, not expected equal): max |prob diff| "
+          f"{c['packed_vs_separate_max_prob_diff']:.3f}, pixel agreement of the binary masks "
+          f"{100 * c['packed_vs_separate_pixel_agreement']:.2f}%")
+    times = interleaved({
+        "separate": lambda: separate(model, processor, image, expressions),
+        "packed": lambda: packed(model, processor, image, expressions),
+        "shared_prefix": lambda: shared_prefix(model, processor, image, expressions),
+    }, repeats)
+    print(ratio_line(times, "separate", "packed"))
+    print(ratio_line(times, "separate", "shared_prefix"))
+    r_packed = median(times["separate"]) / median(times["packed"])
+    r_shared = median(times["separate"]) / median(times["shared_prefix"])
+    print(f"RESULT packed ratio={r_packed:.2f} target>=3 | shared_prefix ratio={r_shared:.2f} "
+          f"max_prob_diff={c['shared_prefix_vs_separate_max_prob_diff']:.2e}")
+    ok = (c["shared_prefix_vs_separate_max_prob_diff"] < 1e-4 and c["packed_vs_plain_decoder_max_logit_diff"] < 1e-3
+          and c["image_side_max_diff"] < 1e-4)
+    if not ok:
+        raise SystemExit("equality checks failed")
+    return r_packed, r_shared
+
+
+if __name__ == "__main__":
+    main()
