@@ -29,7 +29,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "scikit-image>=0.24"],
+        # gradio + playwright: the web demo's browser test (it drives the system's Chromium, none is downloaded).
+        "test": ["pytest>=8", "scikit-image>=0.24", "gradio>=5", "playwright>=1.40"],
+        "demo": ["gradio>=5"],
         "deepspeed": ["deepspeed>=0.16"],
         "flash": ["flash-attn>=2.6"],
     },

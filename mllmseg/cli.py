@@ -2,7 +2,9 @@
 
 Each module in COMMAND_MODULES defines `register(subparsers)`, adding its commands with `--help` texts and a
 `func(args) -> int` default. Errors a user can fix (bad paths, bad arguments) are raised as `CommandError` or
-`ValueError`/`FileNotFoundError` and printed as one line with a non-zero exit, not a traceback.
+`ValueError`/`OSError` (FileNotFoundError, NotADirectoryError, PermissionError, the image loader's ImageLoadError,
+transformers' "can't load" errors) and printed as one line with exit code 2, not a traceback. Anything else is a
+bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ COMMAND_MODULES = [
     "mllmseg.commands.convert",
     "mllmseg.commands.evaluate",
     "mllmseg.commands.release",
+    "mllmseg.commands.segment",
+    "mllmseg.commands.chat",
+    "mllmseg.commands.demo",
 ]
 
 
@@ -38,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CommandError, FileNotFoundError, NotADirectoryError, ValueError) as error:
-        print(f"mllmseg {args.command}: error: {error}", file=sys.stderr)
+    except (CommandError, OSError, ValueError) as error:
+        # One line even when the message has several (transformers' loading errors do).
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"mllmseg {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -12,7 +12,7 @@ from mllmseg.remote_code.modeling_mllmseg import MLLMSegForConditionalGeneration
 from mllmseg.tiny import build_processor, build_tiny_model
 from mllmseg.training.collator import MLLMSegCollator
 from mllmseg.training.dataset import ConversationDataset
-from mllmseg.training.recipes import load_recipe
+from mllmseg.training.recipes import load_recipe, synthetic_scene_kwargs
 
 STEPS = 150
 EVAL_IMAGES = 8
@@ -34,9 +34,7 @@ def test_quickstart_learns(tmp_path):
     assert sorted(p.name for p in (tmp_path / "qs" / "overlays").iterdir()) == ["heldout_0.png", "heldout_1.png"]
 
     recipe = load_recipe("tiny")
-    data = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe["data"]["train"].items()
-            if k not in ("type", "num_images", "split", "seed")}
-    held_out = SyntheticReferringDataset(EVAL_IMAGES, seed=0, split="validation", **data)
+    held_out = SyntheticReferringDataset(EVAL_IMAGES, seed=0, split="validation", **synthetic_scene_kwargs(recipe))
     untrained, tokenizer = build_tiny_model(seed=0, **recipe["model"]["tiny"])
     processor = build_processor(tokenizer, untrained.config, system_message="")
     trained = MLLMSegForConditionalGeneration.from_pretrained(report["checkpoint"])

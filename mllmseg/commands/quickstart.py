@@ -24,28 +24,15 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def overlay(image, masks, rejected) -> "Image.Image":
-    import numpy as np
-    from PIL import Image
-
-    colors = np.array([(255, 0, 255), (0, 255, 255), (255, 255, 0), (255, 128, 0), (0, 255, 0)], dtype=np.float32)
-    out = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
-    for k, (mask, rej) in enumerate(zip(masks, rejected)):
-        if rej:
-            continue
-        m = mask.numpy().astype(bool)
-        out[m] = 0.45 * out[m] + 0.55 * colors[k % len(colors)]
-    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
-
-
 def run(args) -> int:
     import torch
     from transformers import AutoModel, AutoProcessor
 
     from ..data.synthetic import SyntheticReferringDataset
     from ..evaluation.evaluate import evaluate_dataset
-    from ..training.recipes import load_recipe
+    from ..training.recipes import load_recipe, synthetic_scene_kwargs
     from ..training.trainer import run_training
+    from ..visualize import draw_overlay
 
     start = time.time()
     out = Path(args.output_dir)
@@ -53,10 +40,7 @@ def run(args) -> int:
     if args.steps is not None:
         overrides.append(f"training.max_steps={args.steps}")
     recipe = load_recipe("tiny", overrides)
-    data_kwargs = {k: v for k, v in dict(recipe["data"]["train"]).items() if k not in ("type", "num_images", "split", "seed")}
-    for key in ("image_size", "size_range"):
-        if key in data_kwargs:
-            data_kwargs[key] = tuple(data_kwargs[key])
+    data_kwargs = synthetic_scene_kwargs(recipe)
     result = run_training(recipe, output_dir=str(out / "run"), resume=False)
     checkpoint = result["final"]
     print(f"trained {result['global_step']} steps in {time.time() - start:.0f} s; checkpoint: {checkpoint}")
@@ -80,7 +64,7 @@ def run(args) -> int:
             exprs = [r.text for r in sample.referents]
             res = model.segment(processor, sample.image, exprs)
             path = overlay_dir / f"heldout_{i}.png"
-            overlay(sample.image, res.masks, res.rejected).save(path)
+            draw_overlay(sample.image, res, exprs).save(path)  # the same drawing as `segment` and the demo
             for e, r, rej in zip(exprs, sample.referents, res.rejected):
                 print(f"  {path.name}: {e!r} -> {'[REJ]' if bool(rej) else '[SEG]'} (truth: {'no target' if r.no_target else 'target'})")
     elapsed = time.time() - start

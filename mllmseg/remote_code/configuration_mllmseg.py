@@ -18,7 +18,7 @@ ADDED_TOKENS = (
 )
 
 SEG_TILING_MODES = ("single", "dynamic")
-MASK_HEADS = ("dsff",)
+MASK_HEADS = ("dsff", "self1e")
 
 
 @strict
@@ -43,7 +43,9 @@ class MLLMSegConfig(InternVLConfig):
         seg_tiling (`str`, defaults to `"single"`): how `segment` tiles images, `"single"` (one square tile, how the
             released MLLMSeg checkpoints were trained) or `"dynamic"` (InternVL tiling, masks stitched per tile).
         max_dynamic_tiles (`int`, defaults to 12): tile budget of dynamic tiling.
-        mask_head (`str`, defaults to `"dsff"`): the mask head.
+        mask_head (`str`, defaults to `"dsff"`): the mask head, `"dsff"` (MLLMSeg's DSFF decoder) or `"self1e"`
+            (SELF1E's decoder-free head: refilled uncompressed image features, one `[SEG]`, and the dual-perception
+            attention mask inside the LLM; needs sdpa or eager attention, and `vision_feature_layer=-1`).
     """
 
     model_type = "mllmseg"
@@ -77,7 +79,12 @@ class MLLMSegConfig(InternVLConfig):
         if self.mask_head not in MASK_HEADS:
             raise ValueError(f"mask_head must be one of {MASK_HEADS}, got {self.mask_head!r}")
         width = self.vision_config.hidden_size
-        if width % self.decoder_num_heads != 0 or width % self.upsampler_groups != 0:
+        if self.mask_head == "self1e" and self.vision_feature_layer != -1:
+            # SELF1E refills the features of the layer the LLM sees; the uncompressed path reads the ViT's last layer.
+            raise ValueError(
+                f"mask_head 'self1e' needs vision_feature_layer=-1 (the ViT's last layer), got {self.vision_feature_layer}"
+            )
+        if self.mask_head == "dsff" and (width % self.decoder_num_heads != 0 or width % self.upsampler_groups != 0):
             raise ValueError(
                 f"unsupported vision width {width} (vision_config.hidden_size): the mask decoder needs a width "
                 f"divisible by decoder_num_heads={self.decoder_num_heads} and upsampler_groups={self.upsampler_groups}"

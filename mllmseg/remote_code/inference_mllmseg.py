@@ -101,21 +101,51 @@ class MLLMSegInferenceMixin:
             recorder.close()
         return sequences, states
 
-    def _masks_from_states(self, sequences, states, image_outputs, tile_grids):
-        """Mask logits per sequence from recorded states (`states[:, p]` is the state at position p)."""
+    def _masks_from_states(self, sequences, states, image_outputs, tile_grids, prompt_attention_mask=None,
+                           eos_token_id=None):
+        """Mask logits per sequence from recorded states (`states[:, p]` is the state at position p).
+
+        SELF1E: its image tokens attend to the later `[SEG]` (dual-perception mask), which generation could not
+        know yet, so masks come from one full forward over prompt + answer with that mask instead."""
+        if self.config.mask_head == "self1e":
+            return self._masks_from_full_pass(sequences, prompt_attention_mask, image_outputs, tile_grids, eos_token_id)
         ids = sequences[:, : states.shape[1] + 1]
         hidden = torch.cat([states, states[:, -1:]], dim=1)  # pad so positions index as in a full forward
         tiles = self.tiles_per_sample(ids)
-        grid = self.config.vision_grid
         seg_emb, seg_sample = self.seg_embeddings(ids, hidden)
-        return self.predict_masks(
-            image_outputs.last_hidden_state[:, -grid * grid :],
-            self.llm_image_states(ids, hidden),
-            seg_emb,
-            seg_sample,
-            tiles,
-            tile_grids,
-        )
+        return self.predict_masks(self.mask_head_inputs(ids, hidden, image_outputs), seg_emb, seg_sample, tiles, tile_grids)
+
+    def _masks_from_full_pass(self, sequences, prompt_attention_mask, image_outputs, tile_grids, eos_token_id):
+        """One forward over generated sequences (prompt left-padded, answer up to its end-of-turn token) with the
+        image features of the generation; positions count real tokens only, as in a right-padded forward."""
+        mask = torch.ones_like(sequences)
+        if prompt_attention_mask is not None:
+            mask[:, : prompt_attention_mask.shape[1]] = prompt_attention_mask
+        if eos_token_id is not None:
+            prompt_len = 0 if prompt_attention_mask is None else prompt_attention_mask.shape[1]
+            new = sequences[:, prompt_len:] == eos_token_id
+            after_eos = (new.cumsum(1) - new.long()) > 0  # tokens after the first end-of-turn are padding
+            mask[:, prompt_len:] = (~after_eos).long()
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        tiles = self.tiles_per_sample(sequences)
+        grids = self._tile_grids(tiles, tile_grids)
+        size = self.mask_decoder.output_grid
+        masks = [sequences.new_zeros(0, r * size, c * size, dtype=self.dtype) for r, c in grids]
+        rows = ((sequences == self.config.seg_token_id) & mask.bool()).any(1).nonzero().flatten()
+        if rows.numel() == 0:  # no [SEG] generated: no pass
+            return masks
+        # Only the rows that produced a [SEG], with their own tiles.
+        starts = (torch.cumsum(tiles, 0) - tiles).tolist()
+        tile_rows = torch.cat([torch.arange(starts[b], starts[b] + int(tiles[b]), device=sequences.device)
+                               for b in rows.tolist()])
+        image = type(image_outputs)(last_hidden_state=image_outputs.last_hidden_state[tile_rows],
+                                    pooler_output=image_outputs.pooler_output[tile_rows])
+        out = self(input_ids=sequences[rows], attention_mask=mask[rows], position_ids=position_ids[rows],
+                   mm_encoder_outputs={"image": image}, tile_grids=None if tile_grids is None else tile_grids[rows],
+                   use_cache=False)
+        for i, b in enumerate(rows.tolist()):
+            masks[b] = out.pred_masks[i]
+        return masks
 
     def _eos_token_id(self, tokenizer) -> int:
         return tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -232,9 +262,10 @@ class MLLMSegInferenceMixin:
                 print(text)
         masks = None
         if image_outputs is not None and bool((new_tokens == seg_id).any()):
-            masks = self._masks_from_states(sequences, states, image_outputs, tile_grids)
+            masks = self._masks_from_states(sequences, states, image_outputs, tile_grids, enc["attention_mask"],
+                                            config["eos_token_id"])
         elif image_outputs is not None:
-            size = self.config.image_size
+            size = self.config.image_size if self.config.mask_head == "dsff" else self.mask_decoder.output_grid
             masks = [states.new_zeros(0, size, size) for _ in prompts]
         return responses, masks
 
@@ -340,7 +371,8 @@ class MLLMSegInferenceMixin:
         config.setdefault("do_sample", False)
         image_outputs = self._image_outputs(batch["pixel_values"])
         sequences, states = self._generate_with_states(enc["input_ids"], enc["attention_mask"], image_outputs, config)
-        mask_logits = self._masks_from_states(sequences, states, image_outputs, batch["tile_grids"].to(self.device))
+        mask_logits = self._masks_from_states(sequences, states, image_outputs, batch["tile_grids"].to(self.device),
+                                              enc["attention_mask"], config["eos_token_id"])
         new = sequences[:, enc["input_ids"].shape[1] :]
         results = []
         for b, exprs in enumerate(expr_lists):

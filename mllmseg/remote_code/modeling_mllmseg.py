@@ -25,6 +25,10 @@ from transformers.utils import ModelOutput
 from .configuration_mllmseg import MLLMSegConfig
 from .inference_mllmseg import MLLMSegInferenceMixin
 from .mask_decoder_mllmseg import DSFFMaskDecoder, DySampleUpsampler
+from .self1e_head_mllmseg import SELF1EMaskHead
+
+# Attention implementations that take SELF1E's custom 4D (dual-perception) attention mask as it is.
+DUAL_MASK_ATTENTION = ("sdpa", "eager")
 
 
 def preferred_attn_implementation(dtype: torch.dtype | None = None) -> str:
@@ -50,8 +54,9 @@ class MLLMSegCausalLMOutputWithPast(ModelOutput):
     mask_loss (`torch.FloatTensor` of shape `()`, *optional*): `bce_loss_weight * BCE + dice_loss_weight * Dice`
         over the ground-truth masks.
     logits (`torch.FloatTensor` of shape `(B, L, vocab)`): next-token logits.
-    pred_masks (`list[torch.FloatTensor]`, *optional*): per sample, mask logits `(num_seg, rows * S, cols * S)`,
-        one map per `[SEG]` token in order, on the sample's tile canvas (`S x S` for one tile).
+    pred_masks (`list[torch.FloatTensor]`, *optional*): per sample, mask logits `(num_seg, rows * R, cols * R)`,
+        one map per `[SEG]` token in order, on the sample's tile canvas (`R x R` per tile: R = S for the DSFF
+        decoder, R = 2G (64 at 448 px) for the SELF1E head).
     past_key_values, hidden_states, attentions: as in transformers' causal LM outputs.
     image_hidden_states (`torch.FloatTensor` of shape `(N, g*g, T)`, *optional*): projected image features.
     """
@@ -74,7 +79,7 @@ class MLLMSegPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _skip_keys_device_placement = ["past_key_values"]
-    _no_split_modules = ["DSFFMaskDecoder"]
+    _no_split_modules = ["DSFFMaskDecoder", "SELF1EMaskHead"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -106,6 +111,14 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
     * `T_img^2`: the LLM's final hidden states at the image positions shifted by one (the state *preceding* each
       `<IMG_CONTEXT>`, i.e. `<img>` and the first g*g - 1 context tokens of the first tile), `[g*g, T]` per tile.
     * the `[SEG]` embedding: the final hidden state at the position before each `[SEG]` token.
+
+    With `config.mask_head == "self1e"` the DSFF decoder is replaced by [`SELF1EMaskHead`], fed by the final states
+    *at* the `<IMG_CONTEXT>` positions, the compressed image tokens that went into the LLM and the projector applied
+    to the uncompressed ViT tokens; a full pass over image and `[SEG]` tokens then runs with the dual-perception 4D
+    attention mask ([`dual_perception_mask`]). "Final" states are after the LLM's final norm for both heads: upstream
+    SELF1E reads a field named `unnorm_last_hidden_state`, but its Qwen2/Qwen3/InternLM2 wrappers fill it with the
+    normed `last_hidden_state`, so the normed state is what it uses (transformers' `hidden_states[-1]` is that same
+    normed state too).
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
@@ -115,23 +128,52 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
         config.check_mask_decoder()
         self.model = InternVLModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.mask_decoder = DSFFMaskDecoder(
-            vision_dim=config.vision_config.hidden_size,
-            text_dim=config.text_config.hidden_size,
-            vision_grid=config.vision_grid,
-            patch_size=config.patch_size,
-            num_heads=config.decoder_num_heads,
-            ffn_dim=config.decoder_ffn_dim,
-            dropout=config.decoder_dropout,
-            upsampler_groups=config.upsampler_groups,
-        )
+        # The mask head sits at `mask_decoder` whichever it is, so LoRA's modules_to_save, parameter counts and
+        # checkpoints treat both heads alike.
+        if config.mask_head == "self1e":
+            self.mask_decoder = SELF1EMaskHead(
+                text_dim=config.text_config.hidden_size,
+                vision_grid=config.vision_grid,
+                shuffle_ratio=int(round(1 / config.downsample_ratio)),
+            )
+        else:
+            self.mask_decoder = DSFFMaskDecoder(
+                vision_dim=config.vision_config.hidden_size,
+                text_dim=config.text_config.hidden_size,
+                vision_grid=config.vision_grid,
+                patch_size=config.patch_size,
+                num_heads=config.decoder_num_heads,
+                ffn_dim=config.decoder_ffn_dim,
+                dropout=config.decoder_dropout,
+                upsampler_groups=config.upsampler_groups,
+            )
         self.post_init()
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        if "attn_implementation" not in kwargs:
+        chosen = "attn_implementation" not in kwargs
+        if chosen:
             kwargs["attn_implementation"] = preferred_attn_implementation(kwargs.get("dtype"))
-        return super().from_pretrained(*args, **kwargs)
+        model = super().from_pretrained(*args, **kwargs)
+        loaded = model[0] if isinstance(model, tuple) else model  # output_loading_info=True gives a tuple
+        if loaded.config.mask_head == "self1e" and loaded.llm_attn_implementation() not in DUAL_MASK_ATTENTION:
+            if not chosen:
+                loaded.check_dual_mask_attention()
+            loaded.set_attn_implementation("sdpa")  # we picked flash-attention: SELF1E needs a 4D mask
+        return model
+
+    def llm_attn_implementation(self) -> str:
+        return str(self.model.language_model.config._attn_implementation or "eager")
+
+    def check_dual_mask_attention(self):
+        """SELF1E's dual-perception mask is a custom 4D mask: only sdpa and eager attention take it as it is."""
+        impl = self.llm_attn_implementation()
+        if impl not in DUAL_MASK_ATTENTION:
+            raise ValueError(
+                f"mask_head 'self1e' needs its dual-perception 4D attention mask (image tokens attend to each other and "
+                f"to the later [SEG]), which attention implementation {impl!r} cannot take; load the model with "
+                f"attn_implementation='sdpa' (or 'eager'), or call model.set_attn_implementation('sdpa')"
+            )
 
     def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
         """`save_pretrained` with this model's own key names (transformers would otherwise write InternVL's legacy
@@ -190,6 +232,55 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
             raise ValueError("a [SEG] token at position 0 has no preceding state")
         return hidden[batch_idx, pos - 1], batch_idx
 
+    def image_token_states(self, input_ids: torch.LongTensor, hidden: torch.Tensor) -> torch.Tensor:
+        """SELF1E's LLM image features: `(N, g*g, T)`, the final states *at* each `<IMG_CONTEXT>` (not shifted: with
+        the dual-perception mask the image tokens see each other and the `[SEG]`), in tile order."""
+        batch_idx, pos = (input_ids == self.config.image_token_id).nonzero(as_tuple=True)
+        return hidden[batch_idx, pos].view(-1, self.config.tokens_per_tile, hidden.shape[-1])
+
+    def uncompressed_image_tokens(self, image_outputs) -> torch.Tensor:
+        """SELF1E's uncompressed tokens `(N, G*G, T)`: the projector applied to the ViT tokens before pixel shuffle,
+        each token's features repeated r*r times to fill the projector's input width (as upstream)."""
+        grid = self.config.vision_grid
+        vit = image_outputs.last_hidden_state[:, -grid * grid :]  # CLS dropped
+        repeat = int(round(1 / self.config.downsample_ratio)) ** 2
+        return self.model.multi_modal_projector(vit.repeat(1, 1, repeat))
+
+    def mask_head_inputs(self, input_ids: torch.LongTensor, hidden: torch.Tensor, image_outputs) -> tuple[torch.Tensor, ...]:
+        """Per-tile inputs of the mask head, in tile order: DSFF `(T_img^1, T_img^2)`; SELF1E (LLM image states,
+        compressed tokens that went into the LLM, uncompressed tokens)."""
+        if self.config.mask_head == "self1e":
+            return (
+                self.image_token_states(input_ids, hidden),
+                image_outputs.pooler_output,
+                self.uncompressed_image_tokens(image_outputs),
+            )
+        grid = self.config.vision_grid
+        return image_outputs.last_hidden_state[:, -grid * grid :], self.llm_image_states(input_ids, hidden)
+
+    def dual_perception_mask(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """SELF1E's 4D additive attention mask `(B, 1, L, L)` (0 = attend, dtype min = blocked): causal + padding,
+        plus, in samples that hold a `[SEG]`, two perception paths: `<IMG_CONTEXT>` tokens attend to each other both
+        ways (image-to-image), and to every `[SEG]` of the sequence, also later ones (image-to-segmentation).
+        Text tokens stay causal. Every position attends to itself, so padded rows are never empty (no NaN)."""
+        b, length = input_ids.shape
+        device = input_ids.device
+        keep = (
+            torch.ones(b, length, dtype=torch.bool, device=device)
+            if attention_mask is None
+            else attention_mask.to(device).bool()
+        )
+        image = input_ids == self.config.image_token_id
+        seg = input_ids == self.config.seg_token_id
+        image = image & seg.any(1, keepdim=True)  # upstream: the extra paths only where the sample has a [SEG]
+        allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None]
+        allowed = allowed | (image[:, :, None] & (image | seg)[:, None, :])
+        allowed = (allowed & keep[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)[None]
+        mask = torch.zeros(b, 1, length, length, dtype=dtype, device=device)
+        return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
     @staticmethod
     def _tile_grids(tiles: torch.LongTensor, tile_grids: torch.LongTensor | None) -> list[tuple[int, int]]:
         """(rows, cols) of each sample's tile grid; one tile needs none, several need `tile_grids`."""
@@ -211,18 +302,17 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
 
     def predict_masks(
         self,
-        vit_features: torch.Tensor,
-        llm_image_states: torch.Tensor,
+        tile_inputs: tuple[torch.Tensor, ...],
         seg_embeddings: torch.Tensor,
         seg_sample: torch.LongTensor,
         tiles: torch.LongTensor,
         tile_grids: torch.LongTensor | None = None,
     ) -> list[torch.Tensor]:
-        """Mask logits per sample, `(num_seg_b, rows * S, cols * S)`.
+        """Mask logits per sample, `(num_seg_b, rows * R, cols * R)` (R = S for DSFF, 2G for SELF1E).
 
         Args:
-            vit_features: `(N, G*G, D)`, `T_img^1` of every tile in the batch.
-            llm_image_states: `(N, g*g, T)`, `T_img^2` of every tile.
+            tile_inputs: the head's per-tile inputs for every tile in the batch ([`mask_head_inputs`]), e.g. DSFF's
+                `T_img^1` `(N, G*G, D)` and `T_img^2` `(N, g*g, T)`.
             seg_embeddings: `(M, T)`, one row per `[SEG]`; `seg_sample` `(M,)` its sample.
             tiles: `(B,)` tiles per sample (in the order of the rows above).
             tile_grids: `(B, 2)` (rows, cols) per sample; only needed where a sample has several tiles.
@@ -230,20 +320,25 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
         Each grid tile is decoded on its own (the thumbnail, if any, only informs the LLM) and the tile masks
         are laid out on the tile canvas. Image fusion runs once per tile, whatever the number of `[SEG]`.
         """
+        return self._predict_masks(tile_inputs, seg_embeddings, seg_sample, tiles, tile_grids)[0]
+
+    def _predict_masks(self, tile_inputs, seg_embeddings, seg_sample, tiles, tile_grids=None):
+        """`predict_masks`, plus SELF1E's low-resolution logits per sample (its auxiliary loss term; None for DSFF)."""
         batch = tiles.shape[0]
-        size = self.config.image_size
         grids = self._tile_grids(tiles, tile_grids)
         starts = torch.cumsum(tiles, 0) - tiles
         seg_counts = torch.bincount(seg_sample, minlength=batch).tolist()
         if len(seg_sample) == 0:
-            return [seg_embeddings.new_zeros(0, r * size, c * size) for r, c in grids]
+            res = self.config.image_size if self.config.mask_head == "dsff" else self.mask_decoder.output_grid
+            return [seg_embeddings.new_zeros(0, r * res, c * res) for r, c in grids], None
 
         # Tiles that some [SEG] needs, fused once each.
+        device = seg_embeddings.device
         needed = [
             int(starts[b]) + t for b in range(batch) if seg_counts[b] for t in range(grids[b][0] * grids[b][1])
         ]
-        needed_t = torch.tensor(needed, device=vit_features.device, dtype=torch.long)
-        fused = self.mask_decoder.fuse_image(vit_features[needed_t], llm_image_states[needed_t])
+        needed_t = torch.tensor(needed, device=device, dtype=torch.long)
+        fused = self.mask_decoder.fuse_image(*(x[needed_t] for x in tile_inputs))
         row_of_tile = {tile: i for i, tile in enumerate(needed)}
 
         rows_tile, rows_seg = [], []
@@ -251,32 +346,52 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
             for t in range(grids[b][0] * grids[b][1]):
                 rows_tile.append(row_of_tile[int(starts[b]) + t])
                 rows_seg.append(s)
-        device = vit_features.device
-        logits = self.mask_decoder.decode(
-            fused[torch.tensor(rows_tile, device=device)], seg_embeddings[torch.tensor(rows_seg, device=device)]
-        )  # (sum over [SEG] of tiles, S, S)
+        rows_tile = torch.tensor(rows_tile, device=device)
+        fused_rows = tuple(f[rows_tile] for f in fused) if isinstance(fused, tuple) else fused[rows_tile]
+        logits = self.mask_decoder.decode(fused_rows, seg_embeddings[torch.tensor(rows_seg, device=device)])
+        # DSFF: (sum over [SEG] of tiles, S, S); SELF1E: (that, 2G, 2G) and low-res (that, G, G)
+        if isinstance(logits, tuple):
+            logits, low = logits
+            return self._stitch(logits, grids, seg_counts), self._stitch(low, grids, seg_counts)
+        return self._stitch(logits, grids, seg_counts), None
 
+    @staticmethod
+    def _stitch(logits: torch.Tensor, grids: list[tuple[int, int]], seg_counts: list[int]) -> list[torch.Tensor]:
+        """Per-(`[SEG]`, tile) maps `(rows_total, R, R)`, tiles in row-major order -> per sample
+        `(num_seg_b, rows * R, cols * R)` on the tile canvas."""
+        size = logits.shape[-1]
         out, cursor = [], 0
-        for b in range(batch):
-            rows, cols = grids[b]
-            n = seg_counts[b] * rows * cols
-            chunk = logits[cursor : cursor + n].view(seg_counts[b], rows, cols, size, size)
-            out.append(chunk.permute(0, 1, 3, 2, 4).reshape(seg_counts[b], rows * size, cols * size))
+        for (rows, cols), count in zip(grids, seg_counts):
+            n = count * rows * cols
+            chunk = logits[cursor : cursor + n].view(count, rows, cols, size, size)
+            out.append(chunk.permute(0, 1, 3, 2, 4).reshape(count, rows * size, cols * size))
             cursor += n
         return out
 
     # ------------------------------------------------------------------------------------------------------------
-    def mask_loss(self, pred_masks: list[torch.Tensor], masks: list[torch.Tensor | None]) -> torch.Tensor:
+    def mask_loss(
+        self,
+        pred_masks: list[torch.Tensor],
+        masks: list[torch.Tensor | None],
+        low_res_masks: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """BCE + Dice (the paper's mask loss) between mask logits and ground-truth masks.
 
         The reference code instead applies sigmoid twice inside a "focal" term; we follow the paper. Each logit map
         is resized bilinearly to its ground-truth mask's size first, so masks can keep their original resolution.
         `masks[b]`: `(num_seg_b, H_b, W_b)` (bool or float), one per `[SEG]` of sample b (`[REJ]` slots get none).
+
+        `low_res_masks` (SELF1E): the head's low-resolution logits; as upstream, their BCE and Dice are added to the
+        main ones with the same weights (the auxiliary term that trains the LLM image states directly).
         """
         if len(masks) != len(pred_masks):
             raise ValueError(f"masks has {len(masks)} entries for a batch of {len(pred_masks)} samples")
         bce_terms, dice_terms = [], []
-        for b, (pred, gt) in enumerate(zip(pred_masks, masks)):
+        pairs = list(zip(pred_masks, masks))
+        if low_res_masks is not None:
+            pairs += list(zip(low_res_masks, masks))
+        for i, (pred, gt) in enumerate(pairs):
+            b = i % len(masks)
             n_gt = 0 if gt is None else gt.shape[0]
             if n_gt != pred.shape[0]:
                 raise ValueError(
@@ -294,7 +409,8 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
             # No [SEG] in the batch: a zero that still touches every decoder parameter, so data-parallel training
             # sees the same graph on every rank.
             return sum(p.sum() for p in self.mask_decoder.parameters()) * 0.0
-        bce, dice = torch.cat(bce_terms).mean(), torch.cat(dice_terms).mean()
+        parts = 2 if low_res_masks is not None else 1  # the mean over masks of each term, summed over the terms
+        bce, dice = torch.cat(bce_terms).mean() * parts, torch.cat(dice_terms).mean() * parts
         return self.config.bce_loss_weight * bce + self.config.dice_loss_weight * dice
 
     # ------------------------------------------------------------------------------------------------------------
@@ -349,6 +465,18 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
                     f"tokens ({tiles.tolist()} per sample) but pixel_values has {n_tiles} tiles"
                 )
 
+        has_seg = input_ids is not None and bool((input_ids == self.config.seg_token_id).any())
+        if (
+            self.config.mask_head == "self1e"
+            and has_seg
+            and has_image_tokens
+            and (past_key_values is None or past_key_values.get_seq_length() == 0)
+            and (attention_mask is None or attention_mask.dim() == 2)
+        ):
+            # A full pass over image and [SEG]: SELF1E's dual-perception mask (image<->image, image->later [SEG]).
+            self.check_dual_mask_attention()
+            attention_mask = self.dual_perception_mask(input_ids, attention_mask, self.dtype)
+
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -363,14 +491,11 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, slice_indices, :])
 
-        pred_masks = None
-        has_seg = input_ids is not None and bool((input_ids == self.config.seg_token_id).any())
+        pred_masks = low_res_masks = None
         if has_seg and image_outputs is not None:
-            grid = self.config.vision_grid
-            vit_features = image_outputs.last_hidden_state[:, -grid * grid :]  # CLS dropped
             seg_emb, seg_sample = self.seg_embeddings(input_ids, hidden)
-            pred_masks = self.predict_masks(
-                vit_features, self.llm_image_states(input_ids, hidden), seg_emb, seg_sample, tiles, tile_grids
+            pred_masks, low_res_masks = self._predict_masks(
+                self.mask_head_inputs(input_ids, hidden, image_outputs), seg_emb, seg_sample, tiles, tile_grids
             )
         elif has_seg and not has_image_tokens and (past_key_values is None or past_key_values.get_seq_length() == 0):
             raise ValueError("the text has [SEG] tokens but no image to segment")
@@ -386,7 +511,7 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
         if masks is not None:
             if pred_masks is None:
                 pred_masks = [hidden.new_zeros(0, 1, 1) for _ in range(hidden.shape[0])]
-            mask_loss = self.mask_loss(pred_masks, masks)
+            mask_loss = self.mask_loss(pred_masks, masks, low_res_masks if self.training else None)
             loss = mask_loss if loss is None else loss + mask_loss
 
         return MLLMSegCausalLMOutputWithPast(

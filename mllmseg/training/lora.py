@@ -7,6 +7,8 @@
 * Embeddings: by default only the rows of the new tokens (`[SEG]`, `[REJ]` and any other ids passed), on both the
   input embedding and `lm_head`, through PEFT `trainable_token_indices`; `embeddings="full"` trains both matrices in
   full (the reference recipe), `embeddings="none"` freezes them.
+* `vision=True` (SELF1E's `--use_vision_lora`): LoRA on the ViT's linear layers too, with the same r / alpha, and the
+  projector trained in full (upstream leaves it trainable in that mode).
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from torch import nn
 
 EMBEDDING_MODES = ("new_tokens", "full", "none")
 LLM_PREFIX = "model.language_model"
+VISION_PREFIX = "model.vision_tower"
+PROJECTOR = "multi_modal_projector"
 INPUT_EMBEDDINGS = "language_model.embed_tokens"
 OUTPUT_EMBEDDINGS = "lm_head"
 FINAL_NORM = "language_model.norm"
@@ -32,6 +36,7 @@ class LoraRecipe:
     embeddings: str = "new_tokens"
     extra_token_ids: list[int] = field(default_factory=list)
     train_final_norm: bool = True
+    vision: bool = False
 
     def __post_init__(self):
         if self.embeddings not in EMBEDDING_MODES:
@@ -53,10 +58,16 @@ def llm_linear_names(model) -> list[str]:
     return names
 
 
-def lora_target_regex(model) -> str:
-    """A PEFT `target_modules` regex (full match on module names) selecting exactly the LLM's linear layers."""
+def lora_target_regex(model, vision: bool = False) -> str:
+    """A PEFT `target_modules` regex (full match on module names) selecting exactly the LLM's linear layers (and the
+    ViT's, with `vision=True`)."""
     leaves = "|".join(re.escape(n) for n in llm_linear_names(model))
-    return rf"^{re.escape(LLM_PREFIX)}\..*\.(?:{leaves})$"
+    regex = rf"^{re.escape(LLM_PREFIX)}\..*\.(?:{leaves})$"
+    if vision:
+        vit = _base(model).get_submodule(VISION_PREFIX)
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in vit.named_modules() if isinstance(m, nn.Linear)})
+        regex = rf"(?:{regex}|^{re.escape(VISION_PREFIX)}\..*\.(?:{'|'.join(re.escape(n) for n in names)})$)"
+    return regex
 
 
 def new_token_ids(config, extra: Iterable[int] = ()) -> list[int]:
@@ -72,6 +83,8 @@ def build_lora_config(model, recipe: LoraRecipe | None = None):
     modules_to_save = [MASK_DECODER]
     if recipe.train_final_norm:
         modules_to_save.append(FINAL_NORM)
+    if recipe.vision:
+        modules_to_save.append(PROJECTOR)
     trainable_tokens = None
     if recipe.embeddings == "full":
         modules_to_save += [INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS]
@@ -82,7 +95,7 @@ def build_lora_config(model, recipe: LoraRecipe | None = None):
         r=recipe.r,
         lora_alpha=recipe.alpha,
         lora_dropout=recipe.dropout,
-        target_modules=lora_target_regex(base),
+        target_modules=lora_target_regex(base, vision=recipe.vision),
         modules_to_save=modules_to_save,
         trainable_token_indices=trainable_tokens,
         bias="none",
@@ -96,6 +109,8 @@ def apply_lora(model, recipe: LoraRecipe | None = None):
     config = build_lora_config(model, recipe)
     peft_model = get_peft_model(model, config)
     for name, param in peft_model.named_parameters():
+        if recipe is not None and recipe.vision:
+            break  # the ViT's LoRA and the projector train by design
         if ".vision_tower." in name or ".multi_modal_projector." in name:
             if param.requires_grad:
                 raise AssertionError(f"{name} of the frozen ViT / projector is trainable")

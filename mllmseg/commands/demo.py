@@ -1,0 +1,50 @@
+"""`mllmseg demo`: the Gradio web demo (Segment and Chat tabs) on a local port."""
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="web demo (Gradio): segment expressions and chat about an image in the browser",
+        description="Serves a Gradio app for MODEL on http://HOST:PORT: a Segment tab (upload an image, type "
+        "expressions, see the overlay and a table of boxes, scores and [REJ] flags) and a Chat tab. Local only: no "
+        "share link, analytics off. Needs gradio: pip install 'mllmseg[demo]'.",
+        epilog="example: mllmseg demo mllmseg-quickstart/run/final --port 7860",
+    )
+    parser.add_argument("model", metavar="MODEL", nargs="?",
+                        help="checkpoint folder or Hub id (default: ./mllmseg-quickstart/run/final, made by "
+                        "`bash dev.sh quickstart`)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 exposes it to the "
+                        "network)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="chat answer length limit (default 128)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..cli import CommandError
+    from ..demo import DEFAULT_MODEL, import_gradio, launch_demo
+    from .segment import check_model_path
+
+    model = args.model
+    if model is None:
+        if not (DEFAULT_MODEL / "config.json").is_file():
+            raise CommandError(f"no MODEL given and no quickstart checkpoint at ./{DEFAULT_MODEL}; make one with "
+                               "`bash dev.sh quickstart` (or pass a checkpoint folder)")
+        model = str(DEFAULT_MODEL)
+    check_model_path(model)
+    if args.port is not None and not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be >= 1")
+    try:
+        import_gradio()  # before the model load: a missing extra fails at once
+    except ImportError as error:
+        raise CommandError(str(error)) from None
+    print(f"loading {model} ...", flush=True)
+    launch_demo(model, host=args.host, port=args.port, dtype=args.dtype, cpu=args.cpu, block=True,
+                max_new_tokens=args.max_new_tokens)
+    return 0
