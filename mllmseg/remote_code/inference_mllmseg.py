@@ -215,8 +215,9 @@ class MLLMSegInferenceMixin:
         several images in one question take `<image>` placeholders and `num_patches_list`.
 
         With `return_masks=True` the result gains a last element: the mask logits of the answer's `[SEG]` tokens
-        on the tile canvas `(num_seg, rows * S, cols * S)` (give `tile_grids` `(1, 2)` for a multi-tile image),
-        from the states captured while generating.
+        on the tile canvas `(num_seg, rows * R, cols * R)` (give `tile_grids` `(1, 2)` for a multi-tile image):
+        DSFF reads the states captured while generating; SELF1E runs one extra pass with its dual-perception mask
+        over prompt + answer when the answer holds a `[SEG]`.
         """
         if history is None and pixel_values is not None and IMAGE_PLACEHOLDER not in question:
             question = IMAGE_PLACEHOLDER + "\n" + question
@@ -293,7 +294,8 @@ class MLLMSegInferenceMixin:
                 image.
             mode: `"fast"` (default): one teacher-forced forward per image over all its expressions, `[SEG]` vs
                 `[REJ]` decided by the logits at each slot (the paper's evaluation protocol). `"generate"`: free
-                generation; one mask per generated `[SEG]`, from the states captured while generating.
+                generation; one mask per generated `[SEG]`, from the states captured while generating (DSFF) or from
+                one dual-perception pass over prompt + answer, only for answers with a `[SEG]` (SELF1E).
             tiling: `"single"` (one square tile, as the released checkpoints were trained) or `"dynamic"` (InternVL
                 tiling, the decoder runs per tile and tile masks are stitched); defaults to `config.seg_tiling`.
             threshold: probability threshold of the masks.
