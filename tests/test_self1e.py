@@ -32,10 +32,33 @@ def image(w=120, h=90, seed=0):
 
 
 def final_states(model, ids, image_outputs, attention_mask=None):
+    """Final states of the mask pass (dual-perception mask when the sequence holds a [SEG])."""
     with torch.no_grad():
+        if (ids == model.config.seg_token_id).any():
+            return model.dual_perception_states(ids, attention_mask, None, image_outputs)
         out = model(input_ids=ids, attention_mask=attention_mask, mm_encoder_outputs={"image": image_outputs},
                     output_hidden_states=True)
     return out.hidden_states[-1]
+
+
+def test_logits_do_not_see_the_answer(setup):
+    """The [SEG]/[REJ] decision must not read the answer: with the dual mask, text after the image would see a
+    later [SEG] through the image tokens, so logits come from the causal pass. Swapping a [SEG] for [REJ] changes
+    no logit before it, while the masks (dual pass) do depend on the later [SEG]."""
+    model, tok, proc = setup
+    pixel_values = proc.image_processor(image(), tiling="single")["pixel_values"]
+    ids = tok([image_text(model, 1, "Segment a and b. Sure, a:[SEG], b:[SEG].")], return_tensors="pt",
+              add_special_tokens=False)["input_ids"]
+    seg = (ids[0] == model.config.seg_token_id).nonzero().flatten()
+    swapped = ids.clone()
+    swapped[0, seg[1]] = model.config.rej_token_id
+    with torch.no_grad():
+        both = model(input_ids=ids, pixel_values=pixel_values)
+        one = model(input_ids=swapped, pixel_values=pixel_values)
+    torch.testing.assert_close(one.logits[0, : seg[1]], both.logits[0, : seg[1]], atol=1e-6, rtol=0)
+    # the first [SEG]'s mask does see whether a second [SEG] exists (image tokens attend to every [SEG])
+    assert both.pred_masks[0].shape[0] == 2 and one.pred_masks[0].shape[0] == 1
+    assert not torch.allclose(one.pred_masks[0][0], both.pred_masks[0][0])
 
 
 def test_config_and_head_shapes():

@@ -1,6 +1,8 @@
-"""`mllmseg quickstart`, shortened: trains, evaluates on held-out images, saves + reloads remote code, writes
-overlays and metrics. A short run is too short for thresholded masks (cIoU needs ~750+ steps, see the report), so
-learning is asserted on the held-out loss of the saved checkpoint against the same model untrained."""
+"""`mllmseg quickstart`, shortened (1000 of its 4000 steps): trains, evaluates on held-out images, saves + reloads
+remote code, writes overlays and metrics; learning is asserted on held-out cIoU against the same model untrained.
+
+Thresholded masks appear late: at the tiny recipe's settings, 600 steps still give a held-out cIoU near 0 and 1000
+steps about 0.55 (see the README's quickstart section), so this is the shortest run that shows segmentation."""
 import json
 import types
 
@@ -8,39 +10,34 @@ import torch
 
 from mllmseg.commands import quickstart
 from mllmseg.data.synthetic import SyntheticReferringDataset
-from mllmseg.remote_code.modeling_mllmseg import MLLMSegForConditionalGeneration
+from mllmseg.evaluation.evaluate import evaluate_dataset
 from mllmseg.tiny import build_processor, build_tiny_model
-from mllmseg.training.collator import MLLMSegCollator
-from mllmseg.training.dataset import ConversationDataset
 from mllmseg.training.recipes import load_recipe, synthetic_scene_kwargs
 
-STEPS = 150
-EVAL_IMAGES = 8
-
-
-def _held_out_losses(model, processor, held_out):
-    items = [ConversationDataset(held_out, seed=1, eval_prompt_prob=1.0)[i] for i in range(len(held_out))]
-    with torch.no_grad():
-        out = model.eval()(**MLLMSegCollator(processor)(items))
-    return float(out.lm_loss), float(out.mask_loss)
+STEPS = 1000
+EVAL_IMAGES = 24
 
 
 def test_quickstart_learns(tmp_path):
     args = types.SimpleNamespace(output_dir=str(tmp_path / "qs"), seed=0, steps=STEPS, eval_images=EVAL_IMAGES,
-                                 overlays=2, overrides=["training.logging_steps=50"])
+                                 overlays=2, overrides=["training.logging_steps=100"])
     assert quickstart.run(args) == 0
     report = json.loads((tmp_path / "qs" / "metrics.json").read_text())
-    assert report["steps"] == STEPS and {"cIoU", "N-acc", "prec@0.5", "gIoU_per_expression"} <= set(report["metrics"])
+    assert report["steps"] == STEPS and report["eval_images"] == EVAL_IMAGES
     assert sorted(p.name for p in (tmp_path / "qs" / "overlays").iterdir()) == ["heldout_0.png", "heldout_1.png"]
+    trained = report["metrics"]
 
+    # The same held-out images through the same model before training.
     recipe = load_recipe("tiny")
     held_out = SyntheticReferringDataset(EVAL_IMAGES, seed=0, split="validation", **synthetic_scene_kwargs(recipe))
     untrained, tokenizer = build_tiny_model(seed=0, **recipe["model"]["tiny"])
     processor = build_processor(tokenizer, untrained.config, system_message="")
-    trained = MLLMSegForConditionalGeneration.from_pretrained(report["checkpoint"])
-    lm0, mask0 = _held_out_losses(untrained, processor, held_out)
-    lm1, mask1 = _held_out_losses(trained, processor, held_out)
-    print(f"\nheld-out after {STEPS} steps: lm loss {lm0:.3f} -> {lm1:.3f}, mask loss {mask0:.3f} -> {mask1:.3f}; "
-          f"metrics {report['metrics']}")
-    assert lm1 < 0.25 * lm0
-    assert mask1 < mask0 - 0.2
+    with torch.inference_mode():
+        before = evaluate_dataset(untrained.eval(), processor, held_out, mode="fast", batch_size=8)["metrics"]
+    assert before["n_expressions"] == trained["n_expressions"] > 0
+    print(f"\nheld-out after {STEPS} steps: cIoU {before['cIoU']:.3f} -> {trained['cIoU']:.3f}, "
+          f"gIoU {before['gIoU_per_expression']:.3f} -> {trained['gIoU_per_expression']:.3f}, "
+          f"N-acc {before['N-acc']} -> {trained['N-acc']:.3f}")
+    assert trained["cIoU"] >= 0.4 and trained["cIoU"] > (before["cIoU"] or 0.0) + 0.3
+    assert trained["gIoU_per_expression"] > (before["gIoU_per_expression"] or 0.0) + 0.2
+    assert trained["N-acc"] >= 0.5  # [REJ] for no-target expressions is learnt too

@@ -42,3 +42,18 @@ def test_train_cli_print_recipe_and_errors(capsys):
     assert main(["train", "no-such-recipe"]) == 2
     assert "no recipe file" in capsys.readouterr().err
     assert main(["merge-lora", "/nonexistent/adapter", "/tmp/x"]) == 2
+
+
+def test_recipe_base_is_merged_under_the_recipe(tmp_path):
+    tiny, self1e = load_recipe("tiny"), load_recipe("tiny_self1e")
+    assert self1e["model"]["tiny"] == {**tiny["model"]["tiny"], "mask_head": "self1e"}
+    assert (self1e["data"], self1e["training"]) == (tiny["data"], tiny["training"]) and self1e["name"] == "tiny_self1e"
+    # a user recipe beside its base, overriding one value deep down; overrides apply after the merge
+    (tmp_path / "mine.yaml").write_text("base: tiny\ntraining: {max_steps: 7}\n")
+    mine = load_recipe(str(tmp_path / "mine.yaml"), ["training.learning_rate=2e-4"])
+    assert mine["training"]["max_steps"] == 7 and mine["training"]["learning_rate"] == 2e-4
+    assert mine["training"]["per_device_train_batch_size"] == tiny["training"]["per_device_train_batch_size"]
+    (tmp_path / "a.yaml").write_text("base: b\n")
+    (tmp_path / "b.yaml").write_text("base: a\n")
+    with pytest.raises(ValueError, match="loops"):
+        load_recipe(str(tmp_path / "a.yaml"))

@@ -140,11 +140,13 @@ class MLLMSegInferenceMixin:
                                for b in rows.tolist()])
         image = type(image_outputs)(last_hidden_state=image_outputs.last_hidden_state[tile_rows],
                                     pooler_output=image_outputs.pooler_output[tile_rows])
-        out = self(input_ids=sequences[rows], attention_mask=mask[rows], position_ids=position_ids[rows],
-                   mm_encoder_outputs={"image": image}, tile_grids=None if tile_grids is None else tile_grids[rows],
-                   use_cache=False)
+        ids = sequences[rows]
+        hidden = self.dual_perception_states(ids, mask[rows], position_ids[rows], image)
+        seg_emb, seg_sample = self.seg_embeddings(ids, hidden)
+        found = self.predict_masks(self.mask_head_inputs(ids, hidden, image), seg_emb, seg_sample,
+                                   self.tiles_per_sample(ids), None if tile_grids is None else tile_grids[rows])
         for i, b in enumerate(rows.tolist()):
-            masks[b] = out.pred_masks[i]
+            masks[b] = found[i]
         return masks
 
     def _eos_token_id(self, tokenizer) -> int:

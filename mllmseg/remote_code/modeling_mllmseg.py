@@ -281,6 +281,30 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
         mask = torch.zeros(b, 1, length, length, dtype=dtype, device=device)
         return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
+    def dual_perception_states(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        image_outputs,
+    ) -> torch.Tensor:
+        """SELF1E's mask pass: final LLM states `(B, L, T)` of a full forward with the dual-perception 4D mask.
+
+        Upstream takes the logits from this same pass. There, the text after the image reads the answer's later
+        `[SEG]` tokens through the image tokens, so in a teacher-forced pass (training, `fast` mode) the `[SEG]` /
+        `[REJ]` decision is handed the answer: the model learns to copy it and rejects nothing (measured: N-acc 0 on
+        the synthetic data, `benchmarks/bench_heads.py`). We take the logits from the causal pass and only the
+        masks from this one, at the cost of a second LLM pass (the ViT runs once)."""
+        self.check_dual_mask_attention()
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=self.dual_perception_mask(input_ids, attention_mask, self.dtype),
+            position_ids=position_ids,
+            use_cache=False,
+            mm_encoder_outputs={"image": image_outputs},
+        )
+        return outputs.last_hidden_state
+
     @staticmethod
     def _tile_grids(tiles: torch.LongTensor, tile_grids: torch.LongTensor | None) -> list[tuple[int, int]]:
         """(rows, cols) of each sample's tile grid; one tile needs none, several need `tile_grids`."""
@@ -466,16 +490,15 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
                 )
 
         has_seg = input_ids is not None and bool((input_ids == self.config.seg_token_id).any())
-        if (
+        dual_pass = (
             self.config.mask_head == "self1e"
             and has_seg
             and has_image_tokens
             and (past_key_values is None or past_key_values.get_seq_length() == 0)
             and (attention_mask is None or attention_mask.dim() == 2)
-        ):
-            # A full pass over image and [SEG]: SELF1E's dual-perception mask (image<->image, image->later [SEG]).
-            self.check_dual_mask_attention()
-            attention_mask = self.dual_perception_mask(input_ids, attention_mask, self.dtype)
+        )
+        if dual_pass:
+            self.check_dual_mask_attention()  # before any pass, so the error names the real problem
 
         outputs = self.model(
             input_ids=input_ids,
@@ -493,9 +516,16 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
 
         pred_masks = low_res_masks = None
         if has_seg and image_outputs is not None:
-            seg_emb, seg_sample = self.seg_embeddings(input_ids, hidden)
+            # SELF1E: the logits above come from this causal pass; the masks from a second pass with the
+            # dual-perception mask (see `dual_perception_states`).
+            mask_states = (
+                self.dual_perception_states(input_ids, attention_mask, position_ids, image_outputs)
+                if dual_pass
+                else hidden
+            )
+            seg_emb, seg_sample = self.seg_embeddings(input_ids, mask_states)
             pred_masks, low_res_masks = self._predict_masks(
-                self.mask_head_inputs(input_ids, hidden, image_outputs), seg_emb, seg_sample, tiles, tile_grids
+                self.mask_head_inputs(input_ids, mask_states, image_outputs), seg_emb, seg_sample, tiles, tile_grids
             )
         elif has_seg and not has_image_tokens and (past_key_values is None or past_key_values.get_seq_length() == 0):
             raise ValueError("the text has [SEG] tokens but no image to segment")

@@ -50,13 +50,37 @@ def apply_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, A
     return recipe
 
 
-def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, mappings merged key by key (a null or non-mapping value replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_recipe(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     path = recipe_path(name_or_path)
+    if str(path) in seen:
+        raise ValueError(f"{path}: recipe `base` chain loops ({' -> '.join(seen + (str(path),))})")
     with open(path, "r", encoding="utf-8") as f:
         recipe = yaml.safe_load(f) or {}
     if not isinstance(recipe, dict):
         raise ValueError(f"{path}: a recipe is a YAML mapping")
-    recipe = apply_overrides(recipe, overrides or [])
+    base = recipe.pop("base", None)
+    if base is None:
+        return recipe
+    # A relative base is looked up beside the recipe first, then among the built-in recipes.
+    beside = path.parent / str(base)
+    beside_yaml = beside.with_suffix(".yaml")
+    base_ref = str(beside) if beside.is_file() else str(beside_yaml) if beside_yaml.is_file() else str(base)
+    return _merge(_read_recipe(base_ref, seen + (str(path),)), recipe)
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A recipe file (or built-in name) with `base: OTHER` resolved (its sections merged under this one's) and the
+    `key.sub=value` overrides applied."""
+    path = recipe_path(name_or_path)
+    recipe = apply_overrides(_read_recipe(name_or_path), overrides or [])
     unknown = set(recipe) - {"name", "description", "model", "lora", "data", "training", "seed", "output_dir", "evaluation"}
     if unknown:
         raise ValueError(f"{path}: unknown recipe sections {sorted(unknown)}")
