@@ -139,3 +139,16 @@ def test_merge_lora_matches_adapter_model(tmp_path):
     torch.testing.assert_close(b.logits, a.logits, atol=1e-5, rtol=0)
     for pa, pb in zip(a.pred_masks, b.pred_masks):
         torch.testing.assert_close(pb, pa, atol=1e-5, rtol=0)
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
+    out = tmp_path / "rot"
+    (out / ".staging" / "checkpoint-1.deleting").mkdir(parents=True)  # left by a kill during an earlier deletion
+    recipe = load_recipe("tiny", FAST + ["training.max_steps=5", "training.save_steps=1", "training.save_total_limit=2"])
+    result = run_training(recipe, output_dir=str(out), resume=False)
+    assert result["global_step"] == 5
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+    for name in ("checkpoint-4", "checkpoint-5"):
+        assert (out / name / "trainer_state.json").is_file() and (out / name / "optimizer.pt").is_file()
+    assert not (out / ".staging").exists()  # leftovers cleared, nothing half-written in sight
+    assert not list((out / "final").glob("*.bin"))  # the final model folder carries no pickle

@@ -11,7 +11,7 @@ from pathlib import Path
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "quickstart",
-        help="train, evaluate, save, reload and run a tiny MLLMSeg model (CPU, offline, a few minutes)",
+        help="train, evaluate, save, reload and run a tiny MLLMSeg model (CPU, offline, about 10 minutes)",
         description="Trains the `tiny` recipe on synthetic shapes, evaluates on held-out images (cIoU, gIoU, N-acc, "
         "Prec@0.5), saves a remote-code checkpoint, reloads it with trust_remote_code=True and writes overlays.",
     )
