@@ -25,6 +25,15 @@ MID_CONFIG = dict(image_size=448, vision_width=256, text_width=384, vision_layer
 QUICK_CONFIG = dict(image_size=224, vision_width=128, text_width=192, vision_layers=2, text_layers=2)
 
 
+def proc_status_kib(field: str) -> int:
+    """A `/proc/self/status` field in KiB (`VmRSS`, `VmHWM`): this process's resident / peak resident memory."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
 def machine() -> str:
     import torch
 
@@ -105,13 +114,5 @@ def describe(model) -> str:
 
 
 def predict_masks(model, ids, hidden, image_outputs, seg_emb, seg_sample, tiles, tile_grids):
-    """`model.predict_masks` over both of its signatures (per-head `tile_inputs`, or DSFF's two feature tensors)."""
-    import inspect
-
-    params = list(inspect.signature(model.predict_masks).parameters)
-    if params and params[0] == "tile_inputs":
-        return model.predict_masks(model.mask_head_inputs(ids, hidden, image_outputs), seg_emb, seg_sample, tiles,
-                                   tile_grids)
-    grid = model.config.vision_grid
-    return model.predict_masks(image_outputs.last_hidden_state[:, -grid * grid :], model.llm_image_states(ids, hidden),
-                               seg_emb, seg_sample, tiles, tile_grids)
+    """Mask logits from final states, as the model's forward computes them."""
+    return model.predict_masks(model.mask_head_inputs(ids, hidden, image_outputs), seg_emb, seg_sample, tiles, tile_grids)

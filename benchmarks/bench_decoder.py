@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from _common import QUICK_CONFIG, machine, median, single_thread
+from _common import QUICK_CONFIG, machine, median, proc_status_kib, single_thread
 
 from mllmseg.remote_code.mask_decoder_mllmseg import DSFFMaskDecoder
 
@@ -56,18 +56,10 @@ def memory_child(dtype_name: str, masks: int) -> dict:
     decoder, vit, llm, seg = decoder_and_inputs(dtype, masks)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-    before = _status_kib("VmRSS")
+    before = proc_status_kib("VmRSS")
     out = run_decoder(decoder, vit, llm, seg)
-    after = _status_kib("VmHWM")
+    after = proc_status_kib("VmHWM")
     return {"peak_rise_mib": (after - before) / 1024, "out": list(out.shape)}
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def measure_memory(dtype_name: str, masks: int) -> float:

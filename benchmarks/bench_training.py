@@ -25,15 +25,7 @@ import sys
 import tempfile
 import time
 
-from _common import machine, median, single_thread
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
+from _common import machine, median, proc_status_kib, single_thread
 
 
 def child(checkpointing: bool, steps: int) -> dict:
@@ -52,7 +44,7 @@ def child(checkpointing: bool, steps: int) -> dict:
         def on_train_begin(self, args, state, control, **kwargs):
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset the peak RSS to the current RSS
-            self.rss_at_start = _status_kib("VmRSS")
+            self.rss_at_start = proc_status_kib("VmRSS")
 
         def on_step_end(self, args, state, control, **kwargs):
             self.ends.append(time.process_time())
@@ -69,8 +61,8 @@ def child(checkpointing: bool, steps: int) -> dict:
         gc_on = bool(getattr(model.model.language_model, "gradient_checkpointing", False))
     batch = int(recipe["training"]["per_device_train_batch_size"])
     elapsed = clock.ends[-1] - clock.ends[0]
-    return {"samples_per_s": (len(clock.ends) - 1) * batch / elapsed, "peak_rss_mib": _status_kib("VmHWM") / 1024,
-            "train_rise_mib": (_status_kib("VmHWM") - clock.rss_at_start) / 1024, "checkpointing_active": gc_on,
+    return {"samples_per_s": (len(clock.ends) - 1) * batch / elapsed, "peak_rss_mib": proc_status_kib("VmHWM") / 1024,
+            "train_rise_mib": (proc_status_kib("VmHWM") - clock.rss_at_start) / 1024, "checkpointing_active": gc_on,
             "torch_threads": torch.get_num_threads()}
 
 

@@ -108,6 +108,11 @@ def test_chat_is_internvl_compatible_and_returns_masks_from_generation(setup):
 
 def test_batches_with_different_tile_counts(setup):
     model, tok, proc = setup
+    check_batch_equals_per_image_runs(model, proc)
+
+
+def check_batch_equals_per_image_runs(model, proc):
+    """Images with 1, several and dynamic tile counts in one `segment` call give the per-image results."""
     images = [image(120, 90), image(400, 100, seed=1), image(50, 50, seed=2)]
     batched = model.segment(proc, images, [["a", "b"], "c", ["d"]], tiling="dynamic")
     assert [r.masks.shape for r in batched] == [(2, 90, 120), (1, 100, 400), (1, 50, 50)]

@@ -16,8 +16,8 @@ from mllmseg.training.recipes import load_recipe
 from mllmseg.training.trainer import run_training
 
 from ._models import batch_inputs, image_text, tiny
-from .test_checkpoints import run_fresh
-from .test_inference import ForceSequence
+from .test_checkpoints import check_fresh_reload_is_identical
+from .test_inference import ForceSequence, check_batch_equals_per_image_runs
 
 
 @pytest.fixture(scope="module")
@@ -205,14 +205,7 @@ def test_checkpoint_reloads_in_a_fresh_process_with_identical_masks(tmp_path):
     tok.save_pretrained(folder)
     assert (folder / "self1e_head_mllmseg.py").is_file()
     assert "self1e_head_mllmseg.py" in remote_code_closure(folder)
-    inputs = batch_inputs(model, tok, [(1, "Sure, [SEG], [SEG]."), (3, "Sure, [SEG].")])
-    inputs["tile_grids"] = torch.tensor([[1, 1], [1, 2]])
-    with torch.no_grad():
-        expected = model(**inputs)
-    got = run_fresh(folder, inputs, tmp_path)
-    assert got["missing"] == [] and got["unexpected"] == [] and got["mismatched"] == []
-    for a, b in zip(got["pred_masks"], expected.pred_masks):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    check_fresh_reload_is_identical(model, tok, folder, tmp_path)
 
 
 def test_fast_and_generate_modes_give_the_same_masks(setup):
@@ -244,12 +237,7 @@ def test_generate_without_seg_runs_no_mask_pass(setup, monkeypatch):
 
 def test_batches_with_different_tile_counts_equal_per_image_runs(setup):
     model, tok, proc = setup
-    images = [image(120, 90), image(400, 100, seed=1), image(50, 50, seed=2)]
-    batched = model.segment(proc, images, [["a", "b"], "c", ["d"]], tiling="dynamic")
-    assert [r.masks.shape for r in batched] == [(2, 90, 120), (1, 100, 400), (1, 50, 50)]
-    for img, exprs, res in zip(images, [["a", "b"], ["c"], ["d"]], batched):
-        alone = model.segment(proc, img, exprs, tiling="dynamic")
-        torch.testing.assert_close(res.probabilities, alone.probabilities, atol=2e-4, rtol=1e-3)
+    check_batch_equals_per_image_runs(model, proc)
 
 
 def test_lora_on_llm_and_vit_trains_through_the_dual_mask():

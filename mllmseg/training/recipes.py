@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def list_recipes() -> list[str]:
@@ -32,12 +34,9 @@ def apply_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, A
             raise ValueError(f"override {item!r} is not key=value (e.g. training.max_steps=100)")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw != "" else ""
-        if isinstance(value, str):
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value):
             # PyYAML follows YAML 1.1, where "1e-3" (no dot) is a string: read it as the number the user meant.
-            try:
-                value = float(value)
-            except ValueError:
-                pass
+            value = float(value)
         node = recipe
         parts = key.strip().split(".")
         for part in parts[:-1]:

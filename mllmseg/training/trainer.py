@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, sort_checkpoints
 
 from .collator import MLLMSegCollator
 from .dataset import ConversationDataset
@@ -118,25 +118,21 @@ class MLLMSegTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _rotate_checkpoints_atomically(self, run_dir: str, staging_root: str) -> None:
-        """transformers' `rotate_checkpoints` (keep the newest `save_total_limit` and the best), except that each
-        old checkpoint is first renamed out of sight, so a kill during the deletion never leaves a half-deleted
-        `checkpoint-N` behind."""
+        """transformers' `rotate_checkpoints` (keep the newest `save_total_limit`, the newest and the best), except
+        that each old checkpoint is first renamed out of sight, so a kill during the deletion never leaves a
+        half-deleted `checkpoint-N` behind."""
         limit = self.args.save_total_limit
-        if not limit:
+        checkpoints = sort_checkpoints(run_dir)  # oldest first, by step
+        if not limit or len(checkpoints) <= limit:
             return
-        found = sorted(
-            (int(p.name.split("-")[-1]), p) for p in Path(run_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-            if p.is_dir() and p.name.split("-")[-1].isdigit()
-        )
-        paths = [p for _, p in found]
-        best = Path(self.state.best_model_checkpoint) if self.state.best_model_checkpoint else None
-        if best is not None and best in paths and limit == 1 and paths[-1] != best:
-            limit = 2  # as transformers: keep the best and the newest
-        doomed = [p for p in paths[: max(len(paths) - limit, 0)] if p != best]
-        if doomed:
-            os.makedirs(staging_root, exist_ok=True)
+        protected = {checkpoints[-1]}
+        if self.state.best_model_checkpoint is not None:
+            protected.add(str(Path(self.state.best_model_checkpoint)))
+        surplus = len(checkpoints) - max(limit, len(protected))
+        doomed = [c for c in checkpoints if c not in protected][: max(surplus, 0)]
         for path in doomed:
-            trash = os.path.join(staging_root, f"{path.name}.deleting")
+            trash = os.path.join(staging_root, f"{os.path.basename(path)}.deleting")
+            os.makedirs(staging_root, exist_ok=True)
             if os.path.exists(trash):
                 shutil.rmtree(trash)
             os.replace(path, trash)
