@@ -200,3 +200,21 @@ def test_index_bounds():
     assert _digest(ds[-1]) == _digest(ds[2]) and ds[-1].image_id == ds[2].image_id
     with pytest.raises(IndexError):
         ds[3]
+
+
+def test_every_expression_has_the_category_its_words_say():
+    from mllmseg.data.synthetic import CATEGORIES
+
+    ds = SyntheticReferringDataset(60, no_target_prob=0.2, multi_target_prob=0.2)
+    seen = Counter()
+    for i in range(len(ds)):
+        scene, sample = ds.scene(i), ds[i]
+        for expr, referent in zip(scene.expressions, sample.referents):
+            assert referent.category == expr.category in CATEGORIES
+            words = set(expr.text.split())
+            expected = ("no_target" if not expr.targets else "multi" if len(expr.targets) > 1
+                        else "position" if words & {"leftmost", "rightmost", "topmost", "bottommost"}
+                        else "size" if words & {"biggest", "smallest"} else "attribute")
+            assert expr.category == expected, expr
+            seen[expr.category] += 1
+    assert set(seen) == set(CATEGORIES)

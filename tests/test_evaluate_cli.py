@@ -65,6 +65,24 @@ def test_two_processes_match_one(checkpoint, tmp_path):
     table = (double / "synthetic_validation_fast.md").read_text()
     assert "gIoU (mean over expressions, LISA)" in table and "gIoU (mean over images, MLLMSeg ref.)" in table
 
+    # Per expression category (the synthetic set labels its referents): the categories the dataset drew, the same
+    # with one process or two, and adding up to the totals.
+    from mllmseg.data.synthetic import SyntheticReferringDataset
+    from mllmseg.training.recipes import synthetic_scene_kwargs
+
+    drawn = SyntheticReferringDataset(4, seed=0, split="validation", **synthetic_scene_kwargs("tiny"))
+    expected = Counter(r.category for i in range(len(drawn)) for r in drawn[i].referents)
+    c1, c2 = one["metrics_by_category"], two["metrics_by_category"]
+    assert {name: m["n_expressions"] for name, m in c1.items()} == dict(expected)
+    assert c1.keys() == c2.keys()
+    for name in c1:
+        for key in ("I_sum", "U_sum", "n_expressions", "n_rec", "n_no_target"):
+            assert c1[name][key] == c2[name][key], (name, key)
+    for key in ("I_sum", "U_sum", "n_expressions", "n_rec", "n_no_target"):
+        assert sum(m[key] for m in c1.values()) == m1[key], key
+    assert all((m["n_no_target"] > 0) == (name == "no_target") for name, m in c1.items())
+    assert "By expression category" in (single / "synthetic_validation_fast.md").read_text()
+
 
 def test_refer_layout_refcocog(checkpoint, fixtures_dir, tmp_path):
     mini = fixtures_dir / "refcocog_umd_mini"

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -87,6 +88,38 @@ def test_decoder_output_shape_and_image_fusion_reuse():
         fused = decoder.fuse_image(vit[:1], llm[:1])
         both = decoder.decode(fused.expand(2, -1, -1), seg)
         torch.testing.assert_close(both[1], decoder(vit[:1], llm[:1], seg[1:])[0])
+
+
+class _PerMaskTorchBlock(nn.Module):
+    """The reference's order for `ca_layer_vl`: nothing per tile, torch's whole decoder layer once per [SEG]."""
+
+    def __init__(self, block: DSFFAttentionBlock, dim: int, heads: int):
+        super().__init__()
+        self.block = nn.TransformerDecoder(nn.TransformerDecoderLayer(dim, heads, dim, 0.0, "relu"), 1,
+                                           norm=nn.LayerNorm(dim))
+        self.block.load_state_dict(block.state_dict(), strict=True)
+
+    def self_attend(self, query):
+        return query
+
+    def attend_memory(self, query, memory):
+        return self.block(query.transpose(0, 1), memory.transpose(0, 1)).transpose(0, 1)
+
+
+def test_self_attention_once_per_tile_equals_the_reference_per_mask():
+    # fuse_image runs ca_layer_vl's self-attention once per tile; the reference runs the whole block per [SEG].
+    torch.manual_seed(0)
+    decoder = DSFFMaskDecoder(vision_dim=32, text_dim=48, vision_grid=8, patch_size=14, num_heads=4).eval()
+    for p in decoder.ca_layer_vl.parameters():
+        nn.init.normal_(p, std=0.2)
+    reference = copy.deepcopy(decoder)
+    reference.ca_layer_vl = _PerMaskTorchBlock(decoder.ca_layer_vl, 32, 4).eval()
+    vit, llm, seg = torch.randn(1, 64, 32), torch.randn(1, 16, 48), torch.randn(3, 48)
+    with torch.no_grad():
+        ours = decoder.decode(decoder.fuse_image(vit, llm).expand(3, -1, -1), seg)
+        expected = reference.decode(reference.fuse_image(vit, llm).expand(3, -1, -1), seg)
+    assert not torch.equal(ours[0], ours[1])  # the three [SEG] give three different masks
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_reference_initialisation_is_xavier_uniform():

@@ -1,4 +1,4 @@
-"""`mllmseg quickstart`, shortened (1000 of its 4000 steps): trains, evaluates on held-out images, saves + reloads
+"""`mllmseg quickstart`, shortened (1000 of its 6000 steps): trains, evaluates on held-out images, saves + reloads
 remote code, writes overlays and metrics; learning is asserted on held-out cIoU against the same model untrained.
 
 Thresholded masks appear late: at the tiny recipe's settings, 600 steps still give a held-out cIoU near 0 and 1000
@@ -26,6 +26,9 @@ def test_quickstart_learns(tmp_path):
     assert report["steps"] == STEPS and report["eval_images"] == EVAL_IMAGES
     assert sorted(p.name for p in (tmp_path / "qs" / "overlays").iterdir()) == ["heldout_0.png", "heldout_1.png"]
     trained = report["metrics"]
+    by_category = report["metrics_by_category"]  # attribute / position / size / multi / no_target
+    assert sum(m["n_expressions"] for m in by_category.values()) == trained["n_expressions"]
+    assert by_category["no_target"]["n_no_target"] == trained["n_no_target"]
 
     # The same held-out images through the same model before training.
     recipe = load_recipe("tiny")

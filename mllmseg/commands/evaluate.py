@@ -115,8 +115,14 @@ def run(args) -> int:
         folder = Path(args.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
         stem = output_stem(args.dataset, split, args.mode)
+        by_category = out.get("metrics_by_category")  # datasets that label their expressions, e.g. synthetic
+        if by_category:
+            results["metrics_by_category"] = by_category
         (folder / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         table = metrics_table([results])
+        if by_category:
+            table += "\n\nBy expression category:\n\n" + metrics_table(
+                [{**results, "split": f"{split}: {name}", "metrics": m} for name, m in by_category.items()])
         title = f"# {model_dir.name or args.model_dir}: {args.dataset} {split} ({args.mode})\n\n"
         (folder / f"{stem}.md").write_text(title + table + "\n\n" + METRICS_NOTES + "\n", encoding="utf-8")
         print(table)

@@ -52,9 +52,14 @@ def run(args) -> int:
     # Held-out: the training distribution, another split (disjoint random stream).
     held_out = SyntheticReferringDataset(args.eval_images, seed=args.seed, split="validation", **data_kwargs)
     with torch.inference_mode():
-        metrics = evaluate_dataset(model, processor, held_out, mode="fast", batch_size=8)["metrics"]
+        evaluation = evaluate_dataset(model, processor, held_out, mode="fast", batch_size=8)
+    metrics, by_category = evaluation["metrics"], evaluation.get("metrics_by_category", {})
     keys = ("cIoU", "gIoU_per_expression", "gIoU_per_image", "prec@0.5", "N-acc", "T-acc")
     print("held-out metrics: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if isinstance(metrics.get(k), float)))
+    for name, m in by_category.items():
+        shown = ", ".join(f"{k} {m[k]:.3f}" for k in ("cIoU", "gIoU_per_expression", "prec@0.5", "N-acc")
+                          if isinstance(m.get(k), float))
+        print(f"  {name:9s} ({m['n_expressions']:3d} expressions): {shown}")
 
     overlay_dir = out / "overlays"
     overlay_dir.mkdir(parents=True, exist_ok=True)
@@ -68,7 +73,7 @@ def run(args) -> int:
             for e, r, rej in zip(exprs, sample.referents, res.rejected):
                 print(f"  {path.name}: {e!r} -> {'[REJ]' if bool(rej) else '[SEG]'} (truth: {'no target' if r.no_target else 'target'})")
     elapsed = time.time() - start
-    report = {"metrics": metrics, "steps": result["global_step"], "train_loss": result["train_loss"],
+    report = {"metrics": metrics, "metrics_by_category": by_category, "steps": result["global_step"], "train_loss": result["train_loss"],
               "seconds": round(elapsed, 1), "checkpoint": checkpoint, "eval_images": args.eval_images}
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {overlay_dir}/ and {out / 'metrics.json'} ({elapsed:.0f} s in all)")

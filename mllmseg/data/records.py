@@ -29,6 +29,8 @@ class Referent:
         no_target: True when the expression refers to nothing in the image (GRES).
         ref_id: id of the ref (object description) the expression belongs to, when the source has one.
         sent_id: id of the sentence, when the source has one.
+        category: the kind of expression, when the source knows it (the synthetic set: ``"attribute"``,
+            ``"position"``, ``"size"``, ``"multi"``, ``"no_target"``); evaluation also reports metrics per category.
     """
 
     text: str
@@ -37,6 +39,7 @@ class Referent:
     no_target: bool = False
     ref_id: Any = None
     sent_id: Any = None
+    category: Optional[str] = None
 
 
 @dataclass

@@ -61,6 +61,9 @@ _RELATIONS = {
     "smallest": ("the smallest {np}", "area", False),
 }
 _COUNT_WORDS = {2: "two", 3: "three"}
+# Expression categories (``Referent.category``; evaluation reports metrics per category): one target named by
+# colour and/or shape, one target picked by position or by size among a group, several targets, none.
+CATEGORIES: Tuple[str, ...] = ("attribute", "position", "size", "multi", "no_target")
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class SyntheticExpression:
     text: str
     targets: Tuple[int, ...]
     kind: str  # "single", "multi" or "no_target"
+    category: str  # one of CATEGORIES: what the expression asks the model to tell apart
 
 
 @dataclass
@@ -197,7 +201,8 @@ class SyntheticReferringDataset:
             else:
                 mask = np.zeros((height, width), dtype=bool)
             referents.append(Referent(text=expr.text, mask=mask, box=mask_to_box(mask),
-                                      no_target=not expr.targets, ref_id=None, sent_id=None))
+                                      no_target=not expr.targets, ref_id=None, sent_id=None,
+                                      category=expr.category))
         image = Image.fromarray(scene.image)
         return ReferringSample.from_image(f"synthetic/{self.split}/{self.seed}/{index}", image, referents,
                                           split=self.split)
@@ -313,21 +318,24 @@ class SyntheticReferringDataset:
                 named = color is not None or shape is not None
                 if len(match) == 0:
                     if named:
-                        out["no_target"].append(SyntheticExpression(f"the {_noun_phrase(color, shape)}", (), "no_target"))
+                        out["no_target"].append(
+                            SyntheticExpression(f"the {_noun_phrase(color, shape)}", (), "no_target", "no_target"))
                     continue
                 if len(match) == 1:
                     if named:
-                        out["attribute"].append(SyntheticExpression(f"the {_noun_phrase(color, shape)}", match, "single"))
+                        out["attribute"].append(
+                            SyntheticExpression(f"the {_noun_phrase(color, shape)}", match, "single", "attribute"))
                     continue
                 plural = _noun_phrase(color, shape, plural=True)
-                out["multi"].append(SyntheticExpression(f"all {plural}", match, "multi"))
+                out["multi"].append(SyntheticExpression(f"all {plural}", match, "multi", "multi"))
                 if len(match) in _COUNT_WORDS:
-                    out["multi"].append(SyntheticExpression(f"the {_COUNT_WORDS[len(match)]} {plural}", match, "multi"))
+                    out["multi"].append(SyntheticExpression(f"the {_COUNT_WORDS[len(match)]} {plural}", match, "multi", "multi"))
                 for template, key, pick_max in _RELATIONS.values():
                     winner = self._superlative(objects, match, key, pick_max, height, width)
                     if winner is not None:
                         out["relation"].append(SyntheticExpression(
-                            template.format(np=_noun_phrase(color, shape)), (winner,), "single"))
+                            template.format(np=_noun_phrase(color, shape)), (winner,), "single",
+                            "size" if key == "area" else "position"))
         return out
 
     def _superlative(self, objects, match, key, pick_max, height, width) -> Optional[int]:

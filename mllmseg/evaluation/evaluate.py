@@ -37,7 +37,9 @@ def evaluate_dataset(
         accelerator: an `accelerate.Accelerator` for data-parallel evaluation (None: this process does all).
         return_predictions: also return per-expression predictions (COCO RLE, box, score, rejected).
 
-    Returns `{"metrics": {...}, "predictions": [...]?}`; on every process the same merged metrics.
+    Returns `{"metrics": {...}, "metrics_by_category": {...}?, "predictions": [...]?}`; on every process the same
+    merged metrics. `metrics_by_category` (the same metrics over each `Referent.category`) is there when the
+    dataset labels its referents with categories, as the synthetic set does.
     The GRES protocol applies throughout: a `[REJ]` answer counts as a no-target prediction, and a targeted
     expression is scored on the mask of its `[SEG]` slot whatever was decided there (the mask of the all-`[SEG]`
     pass, which the fast mode computes anyway).
@@ -48,6 +50,7 @@ def evaluate_dataset(
         with accelerator.split_between_processes(indices) as mine:
             indices = list(mine)
     metrics = ReferringMetrics()
+    by_category: dict[str, ReferringMetrics] = {}
     predictions = []
     show = progress and (accelerator is None or accelerator.is_local_main_process)
     bar = tqdm(total=len(indices), desc=f"evaluate ({mode})", disable=not show)
@@ -66,14 +69,18 @@ def evaluate_dataset(
             slot_masks = (result.probabilities >= 0.5).numpy()  # the [SEG]-slot mask, also where [REJ] won
             for k, referent in enumerate(sample.referents):
                 rejected = bool(result.rejected[k])
-                metrics.add(
-                    sample.image_id,
-                    referent.mask,
-                    slot_masks[k],
-                    gt_box=referent.box,
-                    pred_rejected=rejected,
-                    no_target=referent.no_target,
-                )
+                scored = [metrics]
+                if referent.category is not None:
+                    scored.append(by_category.setdefault(referent.category, ReferringMetrics()))
+                for m in scored:
+                    m.add(
+                        sample.image_id,
+                        referent.mask,
+                        slot_masks[k],
+                        gt_box=referent.box,
+                        pred_rejected=rejected,
+                        no_target=referent.no_target,
+                    )
                 if return_predictions:
                     predictions.append(
                         {
@@ -91,14 +98,20 @@ def evaluate_dataset(
         bar.update(len(samples))
     bar.close()
     state = metrics.state_dict()
+    category_states = {name: m.state_dict() for name, m in by_category.items()}
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
         states = gather_object([state])
         state = merge_states(states)
+        gathered = gather_object([category_states])
+        names = sorted({name for per_process in gathered for name in per_process})
+        category_states = {name: merge_states([p[name] for p in gathered if name in p]) for name in names}
         if return_predictions:
             predictions = gather_object(predictions)
     out: dict[str, Any] = {"metrics": compute_metrics(state), "mode": mode, "num_samples": num_samples}
+    if category_states:
+        out["metrics_by_category"] = {name: compute_metrics(category_states[name]) for name in sorted(category_states)}
     if return_predictions:
         out["predictions"] = predictions
     return out

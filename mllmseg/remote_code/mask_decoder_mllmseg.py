@@ -32,7 +32,17 @@ class DSFFAttentionBlock(nn.Module):
 
     def forward(self, query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """query `[B, Lq, D]`, memory `[B, Lm, D]` -> `[B, Lq, D]`."""
-        for layer in self.layers:
+        return self.attend_memory(self.self_attend(query), memory)
+
+    def self_attend(self, query: torch.Tensor) -> torch.Tensor:
+        """The first layer's self-attention sublayer, the only part that does not read the memory:
+        `[B, Lq, D]` -> `[B, Lq, D]`. Queries shared by several memories can go through it once."""
+        return self.layers[0].self_attention_block(query)
+
+    def attend_memory(self, query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """The rest of the block, on the output of [`self_attend`]: `[B, Lq, D]`, `[B, Lm, D]` -> `[B, Lq, D]`."""
+        query = self.layers[0].memory_block(query, memory)
+        for layer in self.layers[1:]:
             query = layer(query, memory)
         return self.norm(query)
 
@@ -73,11 +83,16 @@ class _DecoderLayer(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         return attn.out_proj(out.transpose(1, 2).reshape(bsz, lq, dim))
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(x + self.dropout1(self._attention(self.self_attn, x, x)))
+    def self_attention_block(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm1(x + self.dropout1(self._attention(self.self_attn, x, x)))
+
+    def memory_block(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """Cross-attention to `memory`, then the feed-forward sublayer."""
         x = self.norm2(x + self.dropout2(self._attention(self.multihead_attn, x, memory)))
-        x = self.norm3(x + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(x))))))
-        return x
+        return self.norm3(x + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        return self.memory_block(self.self_attention_block(x), memory)
 
 
 class DySampleUpsampler(nn.Module):
@@ -125,12 +140,17 @@ class DSFFMaskDecoder(nn.Module):
     """MLLMSeg's light mask decoder: detail-enhanced, semantic-consistent feature fusion (DSFF) and a pixel-shuffle
     head. ~34.39M parameters at InternVL2.5-8B widths (D=1024, T=4096).
 
-    The decoder is split in two so that image features are fused once per tile and reused by every `[SEG]`
-    of that tile (several expressions of one image cost one fusion):
+    The decoder is split in two so that everything that does not read the `[SEG]` embedding runs once per tile
+    and is reused by every `[SEG]` of that tile (several expressions of one image cost one fusion):
 
     * [`fuse_image`]: `T_img^1` `[N, G*G, D]` (ViT last layer, no CLS) and `T_img^2` `[N, g*g, T]` (LLM image
-      states) -> `T_ds^0` `[N, G*G, D]`.
-    * [`decode`]: `T_ds^0` rows `[M, G*G, D]` and `[SEG]` embeddings `[M, T]` -> mask logits `[M, S, S]`.
+      states) -> `T_ds^0` `[N, G*G, D]`, already through the self-attention sublayer of `ca_layer_vl` (its
+      queries are `T_ds^0`, and only its cross-attention reads the `[SEG]` embedding).
+    * [`decode`]: those rows `[M, G*G, D]` and `[SEG]` embeddings `[M, T]` -> mask logits `[M, S, S]`.
+
+    The reference runs that self-attention once per `[SEG]`, on a copy of the tile's features; the result is the
+    same (bit for bit at inference). In training with dropout > 0 the masks of one tile share one dropout draw
+    of that sublayer instead of one each.
     """
 
     def __init__(
@@ -166,20 +186,21 @@ class DSFFMaskDecoder(nn.Module):
             module._reference_init = True
 
     def fuse_image(self, vit_features: torch.Tensor, llm_image_states: torch.Tensor) -> torch.Tensor:
-        """`[N, G*G, D]`, `[N, g*g, T]` -> `T_ds^0` `[N, G*G, D]`."""
+        """`[N, G*G, D]`, `[N, g*g, T]` -> `T_ds^0` after `ca_layer_vl`'s self-attention, `[N, G*G, D]`."""
         n, big, small = vit_features.shape[0], self.vision_grid, self.llm_grid
         llm = self.img_llm_down(llm_image_states.to(self.img_llm_down.weight.dtype))  # [N, g*g, D]
         vit = vit_features.to(llm.dtype)
         v2l = self.ca_layer_v2l(vit, llm)  # detail queries attend to semantic tokens
         up = self.upsample_adapter_l(llm.transpose(1, 2).reshape(n, -1, small, small))  # [N, D, G, G]
         up = up.flatten(2).transpose(1, 2)
-        return self.text_out_adapter(torch.cat([v2l, vit, up], dim=-1))  # [N, G*G, D]
+        fused = self.text_out_adapter(torch.cat([v2l, vit, up], dim=-1))  # T_ds^0 [N, G*G, D]
+        return self.ca_layer_vl.self_attend(fused)
 
     def decode(self, fused: torch.Tensor, seg_embeddings: torch.Tensor) -> torch.Tensor:
         """`fused` `[M, G*G, D]` (one row per mask to predict), `seg_embeddings` `[M, T]` -> logits `[M, S, S]`."""
         m, big, p = fused.shape[0], self.vision_grid, self.patch_size
         text = self.text_down(seg_embeddings.to(self.text_down.weight.dtype)).unsqueeze(1)  # [M, 1, D]
-        x = self.ca_layer_vl(fused, text)  # [M, G*G, D]
+        x = self.ca_layer_vl.attend_memory(fused, text)  # [M, G*G, D]
         x = x.transpose(1, 2).reshape(m, -1, big, big)
         x = self.conv1(x)  # [M, P*P, G, G]
         x = F.pixel_shuffle(x, p)  # [M, 1, S, S]
