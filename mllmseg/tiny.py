@@ -5,8 +5,6 @@ chat, prompt and referring-expression text, with the chat tokens, image tokens, 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import InternVLVisionConfig, PreTrainedTokenizerFast
@@ -133,39 +131,11 @@ def tiny_config(
 def build_tiny_model(
     tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0, **config_kwargs
 ) -> tuple[MLLMSegForConditionalGeneration, PreTrainedTokenizerFast]:
-    """A random tiny model and its tokenizer, deterministic for a given seed.
-
-    The ViT's absolute position embeddings start as a 2D sin-cos table instead of transformers' zeros. A real
-    InternViT arrives pretrained, with position embeddings that already say where each patch is; a random tiny ViT
-    would have to learn them from the mask loss alone, and within the quickstart's minutes it does not: trained from
-    zeros, its features hardly encode position and the model answers "the leftmost shape" by painting every shape.
-    """
+    """A random tiny model and its tokenizer, deterministic for a given seed."""
     tokenizer = tokenizer or build_tiny_tokenizer()
     torch.manual_seed(seed)
     model = MLLMSegForConditionalGeneration(tiny_config(tokenizer, **config_kwargs))
-    embeddings = model.model.vision_tower.embeddings.position_embeddings  # [1, 1 + grid^2, D], CLS first
-    if embeddings is not None:
-        grid = math.isqrt(embeddings.shape[1] - 1)
-        with torch.no_grad():
-            embeddings[0, 0].zero_()
-            embeddings[0, 1:].copy_(sincos_position_embeddings(grid, embeddings.shape[-1]))
     return model.eval(), tokenizer
-
-
-def sincos_position_embeddings(grid: int, dim: int) -> torch.Tensor:
-    """`[grid * grid, dim]` 2D sin-cos position embeddings (MAE style), rows in raster order: the first half of the
-    channels encodes the column, the second half the row, each as sines and cosines of geometric frequencies."""
-    if dim % 4:
-        raise ValueError(f"2D sin-cos position embeddings need a width divisible by 4, got {dim}")
-    quarter = dim // 4
-    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                                indexing="ij")
-    parts = []
-    for coordinate in (cols.flatten(), rows.flatten()):
-        angles = coordinate[:, None] * frequencies[None]
-        parts += [angles.sin(), angles.cos()]
-    return torch.cat(parts, dim=1).float()
 
 
 def build_processor(tokenizer, config: MLLMSegConfig, system_message: str | None = None) -> MLLMSegProcessor:
