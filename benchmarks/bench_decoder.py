@@ -19,6 +19,7 @@ of tiles the model sees, with R^2.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -59,8 +60,6 @@ class PerMaskSelfAttention(torch.nn.Module):
 
 
 def reference_order(decoder):
-    import copy
-
     reference = copy.deepcopy(decoder)
     reference.ca_layer_vl = PerMaskSelfAttention(reference.ca_layer_vl)
     return reference

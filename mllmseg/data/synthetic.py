@@ -86,8 +86,12 @@ class SyntheticExpression:
 
     text: str
     targets: Tuple[int, ...]
-    kind: str  # "single", "multi" or "no_target"
     category: str  # one of CATEGORIES: what the expression asks the model to tell apart
+
+    @property
+    def kind(self) -> str:
+        """``"single"`` (attribute, position, size), ``"multi"`` or ``"no_target"``."""
+        return self.category if self.category in ("multi", "no_target") else "single"
 
 
 @dataclass
@@ -319,22 +323,22 @@ class SyntheticReferringDataset:
                 if len(match) == 0:
                     if named:
                         out["no_target"].append(
-                            SyntheticExpression(f"the {_noun_phrase(color, shape)}", (), "no_target", "no_target"))
+                            SyntheticExpression(f"the {_noun_phrase(color, shape)}", (), "no_target"))
                     continue
                 if len(match) == 1:
                     if named:
                         out["attribute"].append(
-                            SyntheticExpression(f"the {_noun_phrase(color, shape)}", match, "single", "attribute"))
+                            SyntheticExpression(f"the {_noun_phrase(color, shape)}", match, "attribute"))
                     continue
                 plural = _noun_phrase(color, shape, plural=True)
-                out["multi"].append(SyntheticExpression(f"all {plural}", match, "multi", "multi"))
+                out["multi"].append(SyntheticExpression(f"all {plural}", match, "multi"))
                 if len(match) in _COUNT_WORDS:
-                    out["multi"].append(SyntheticExpression(f"the {_COUNT_WORDS[len(match)]} {plural}", match, "multi", "multi"))
+                    out["multi"].append(SyntheticExpression(f"the {_COUNT_WORDS[len(match)]} {plural}", match, "multi"))
                 for template, key, pick_max in _RELATIONS.values():
                     winner = self._superlative(objects, match, key, pick_max, height, width)
                     if winner is not None:
                         out["relation"].append(SyntheticExpression(
-                            template.format(np=_noun_phrase(color, shape)), (winner,), "single",
+                            template.format(np=_noun_phrase(color, shape)), (winner,),
                             "size" if key == "area" else "position"))
         return out
 

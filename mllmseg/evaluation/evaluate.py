@@ -102,11 +102,10 @@ def evaluate_dataset(
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
-        states = gather_object([state])
-        state = merge_states(states)
-        gathered = gather_object([category_states])
-        names = sorted({name for per_process in gathered for name in per_process})
-        category_states = {name: merge_states([p[name] for p in gathered if name in p]) for name in names}
+        gathered = gather_object([(state, category_states)])  # one exchange for the totals and the categories
+        state = merge_states([total for total, _ in gathered])
+        names = sorted({name for _, per_category in gathered for name in per_category})
+        category_states = {name: merge_states([c[name] for _, c in gathered if name in c]) for name in names}
         if return_predictions:
             predictions = gather_object(predictions)
     out: dict[str, Any] = {"metrics": compute_metrics(state), "mode": mode, "num_samples": num_samples}
