@@ -231,3 +231,30 @@ def test_config_derives_decoder_sizes():
     tiny_cfg = tiny_config(build_tiny_tokenizer(), image_size=224)
     assert (tiny_cfg.vision_grid, tiny_cfg.tokens_per_tile) == (16, 64)
 
+
+
+def test_tiny_vit_can_start_with_2d_sincos_position_embeddings():
+    from mllmseg.tiny import build_tiny_model, sincos_position_embeddings
+
+    default, _ = tiny(vision_width=32)
+    assert torch.count_nonzero(default.model.vision_tower.embeddings.position_embeddings) == 0  # transformers' zeros
+    model, _ = build_tiny_model(sincos_positions=True, vision_width=32)
+    table = model.model.vision_tower.embeddings.position_embeddings[0].detach()  # [1 + grid^2, D], CLS first
+    assert table.shape == (1 + 8 * 8, 32)  # 112 px tiles, patch 14
+    assert torch.count_nonzero(table[0]) == 0
+    patches = table[1:].view(8, 8, 32)  # [row, col, D]
+    # The first half of the channels encodes the column, the second half the row, so patches in one column share
+    # the first half exactly and patches in one row share the second.
+    torch.testing.assert_close(patches[:, 3, :16], patches[0:1, 3, :16].expand(8, -1))
+    torch.testing.assert_close(patches[5, :, 16:], patches[5:6, 0, 16:].expand(8, -1))
+    assert len({tuple(row.tolist()) for row in table[1:]}) == 64  # every patch position is told apart
+    # Nearer patches have more similar embeddings (a distance-aware code, unlike transformers' zeros).
+    dist = lambda a, b: float((patches[a] - patches[b]).norm())  # noqa: E731
+    assert dist((0, 0), (0, 1)) < dist((0, 0), (0, 4)) and dist((0, 0), (1, 0)) < dist((0, 0), (4, 0))
+    torch.testing.assert_close(table[1:], sincos_position_embeddings(8, 32))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_position_embeddings(8, 30)
+    # Every other weight is the seed's, as without the option.
+    for (name, a), (_, b) in zip(default.named_parameters(), model.named_parameters()):
+        if "position_embeddings" not in name:
+            torch.testing.assert_close(a, b, msg=name)

@@ -4,7 +4,11 @@ remote code, writes overlays and metrics; learning is asserted on held-out cIoU 
 Thresholded masks appear late: at the tiny recipe's settings, 600 steps still give a held-out cIoU near 0 and 1000
 steps about 0.55 (see the README's quickstart section), so this is the shortest run that shows segmentation."""
 import json
+import re
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import torch
 
@@ -44,3 +48,16 @@ def test_quickstart_learns(tmp_path):
     assert trained["cIoU"] >= 0.4 and trained["cIoU"] > (before["cIoU"] or 0.0) + 0.3
     assert trained["gIoU_per_expression"] > (before["gIoU_per_expression"] or 0.0) + 0.2
     assert trained["N-acc"] >= 0.5  # [REJ] for no-target expressions is learnt too
+
+    # benchmarks/diagnose_quickstart.py on this checkpoint: its boxes over all targeted expressions are the
+    # quickstart's Prec@0.5 (same images, same [SEG]-slot masks), and its colour probe reads the ViT features.
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "diagnose_quickstart.py"
+    out = subprocess.run([sys.executable, str(script), report["checkpoint"], "--images", str(EVAL_IMAGES)],
+                         capture_output=True, text=True, check=True).stdout
+    n, prec = re.search(r"^all targeted\s+(\d+)\s+([0-9.]+)$", out, re.M).groups()
+    assert int(n) == trained["n_targeted"] and float(prec) == round(trained["prec@0.5"], 3), (out, trained)
+    kinds = {line.split("  ")[0] for line in out.splitlines()[2:] if re.search(r"\d\.\d{3}$", line)}
+    assert {"attribute: colour", "position", "multi"} <= kinds
+    colour, majority = map(float, re.search(r"-> colour: held-out accuracy ([0-9.]+) \(majority class ([0-9.]+)", out).groups())
+    assert colour > majority + 0.15  # 24 images only; misaligned patches would sit at the majority rate
+

@@ -1,0 +1,103 @@
+"""Diagnosis of a quickstart checkpoint: which expressions it grounds, and what its ViT features know.
+
+Not a timing benchmark: it explains the quickstart's held-out numbers. On the quickstart's held-out scenes
+(synthetic, seed 0, split "validation", the tiny recipe's scene settings) it prints
+
+1. Prec@0.5 (box from the mask, SPEC section 6; on all targeted expressions together it equals the quickstart's
+   and `mllmseg evaluate`'s Prec@0.5 on the same images) and mean mask IoU per expression kind, with single-target
+   attribute expressions split by what they name: colour only ("the red shape"), shape only ("the circle"),
+   colour and shape ("the red circle");
+2. held-out accuracy of linear probes (least squares on one-hot targets) that read the shape and the colour of the
+   object under a ViT patch from that patch's last-layer feature (`T_img^1`), for patches at least 30% covered by
+   one object, fitted on two thirds of the images and scored on the rest, next to the majority-class rate.
+
+    .venv/bin/python benchmarks/diagnose_quickstart.py mllmseg-quickstart/run/final [--images 150]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoProcessor
+
+from mllmseg.data.synthetic import COLORS, SHAPES, SyntheticReferringDataset
+from mllmseg.evaluation.metrics import box_from_mask, box_iou
+from mllmseg.training.recipes import synthetic_scene_kwargs
+
+
+def expression_kind(category: str, text: str) -> str:
+    if category != "attribute":
+        return category
+    words = set(text.split())
+    colour, shape = bool(words & set(COLORS)), bool(words & set(SHAPES))
+    return "attribute: colour + shape" if colour and shape else "attribute: colour" if colour else "attribute: shape"
+
+
+def probe_accuracy(train_x, train_y, test_x, test_y, classes: int) -> float:
+    design = lambda x: np.c_[x, np.ones(len(x))]  # noqa: E731
+    weights = np.linalg.lstsq(design(train_x), np.eye(classes)[train_y], rcond=1e-4)[0]
+    return float((design(test_x) @ weights).argmax(1).__eq__(test_y).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--images", type=int, default=150)
+    args = parser.parse_args()
+
+    data = SyntheticReferringDataset(args.images, seed=0, split="validation", **synthetic_scene_kwargs("tiny"))
+    model = AutoModel.from_pretrained(args.checkpoint, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(args.checkpoint, trust_remote_code=True)
+    vit_out = {}
+    model.model.vision_tower.register_forward_hook(lambda m, i, o: vit_out.__setitem__("h", o.last_hidden_state))
+    grid = model.config.vision_grid  # ViT patches per tile side
+    patch = model.config.image_size // grid
+
+    hits, ious = collections.defaultdict(list), collections.defaultdict(list)
+    features, shapes, colours, image_of = [], [], [], []
+    with torch.inference_mode():
+        for i in range(len(data)):
+            sample, scene = data[i], data.scene(i)
+            result = model.segment(processor, sample.image, [r.text for r in sample.referents])
+            for j, (referent, expression) in enumerate(zip(sample.referents, scene.expressions)):
+                if referent.no_target:
+                    continue
+                # The mask of the expression's [SEG] slot even where [REJ] won, as `mllmseg evaluate` scores it.
+                pred, truth = (result.probabilities[j] >= 0.5).numpy(), referent.mask
+                kind = expression_kind(expression.category, expression.text)
+                hits[kind].append(box_iou(box_from_mask(pred), np.asarray(referent.box, dtype=float)) > 0.5)
+                ious[kind].append((pred & truth).sum() / max((pred | truth).sum(), 1))
+            # One tile per image (single tiling, square images): row-major patches after the CLS token.
+            tokens = vit_out["h"][0, 1:].float().numpy()
+            by_label = {o.label: o for o in scene.objects}
+            for cell in range(grid * grid):
+                r, c = divmod(cell, grid)
+                labels = scene.labels[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
+                values, counts = np.unique(labels[labels > 0], return_counts=True)
+                if len(values) and counts.max() >= 0.3 * patch * patch:
+                    obj = by_label[int(values[counts.argmax()])]
+                    features.append(tokens[cell])
+                    shapes.append(SHAPES.index(obj.shape))
+                    colours.append(list(COLORS).index(obj.color))
+                    image_of.append(i)
+
+    print(f"{args.checkpoint}: {len(data)} held-out images")
+    print(f"{'expression kind':28s} {'n':>4s} {'Prec@0.5':>9s} {'mean IoU':>9s}")
+    for kind in sorted(hits):
+        print(f"{kind:28s} {len(hits[kind]):4d} {np.mean(hits[kind]):9.3f} {np.mean(ious[kind]):9.3f}")
+    everything = [h for v in hits.values() for h in v]
+    print(f"{'all targeted':28s} {len(everything):4d} {np.mean(everything):9.3f}")
+
+    features, image_of = np.asarray(features), np.asarray(image_of)
+    train = image_of < (2 * len(data)) // 3
+    for name, target, classes in (("shape", np.asarray(shapes), len(SHAPES)), ("colour", np.asarray(colours), len(COLORS))):
+        accuracy = probe_accuracy(features[train], target[train], features[~train], target[~train], classes)
+        majority = np.bincount(target[~train], minlength=classes).max() / (~train).sum()
+        print(f"linear probe, ViT patch feature -> {name}: held-out accuracy {accuracy:.3f} "
+              f"(majority class {majority:.3f}; {train.sum()} / {(~train).sum()} patches)")
+
+
+if __name__ == "__main__":
+    main()
