@@ -139,11 +139,11 @@ def build_tiny_model(
     """A random tiny model and its tokenizer, deterministic for a given seed.
 
     `sincos_positions`: start the ViT's absolute position embeddings as a 2D sin-cos table instead of transformers'
-    zeros (the quickstart recipe does). A real InternViT arrives pretrained, with position embeddings that already
-    say where each patch is; a random tiny ViT must learn them from the mask loss alone, and within the quickstart's
-    minutes it does not: from zeros its features hardly encode position (a linear probe reads the patch column with
-    R^2 0.24, against 0.91 from the sin-cos start) and it answers "the leftmost shape" by painting every shape.
-    Off by default: random test models then keep masks that depend on the expression from the first step.
+    zeros (recipe key `model.tiny.sincos_positions`). A real InternViT arrives pretrained, with position embeddings
+    that already say where each patch is; a random tiny ViT must learn them from the mask loss alone, and from zeros
+    its features hardly encode position (a linear probe reads the patch column with R^2 0.24, against 0.91 from the
+    sin-cos start). Off by default: it did not dependably improve the quickstart (README, "What the quickstart
+    does"), and random test models built with it give masks that barely depend on the expression.
     """
     tokenizer = tokenizer or build_tiny_tokenizer()
     torch.manual_seed(seed)
