@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModel, AutoProcessor
 
 from mllmseg.data.synthetic import COLORS, SHAPES, SyntheticReferringDataset
-from mllmseg.evaluation.metrics import box_from_mask, box_iou
+from mllmseg.evaluation.metrics import ReferringMetrics
 from mllmseg.training.recipes import synthetic_scene_kwargs
 
 
@@ -55,7 +55,7 @@ def main() -> None:
     grid = model.config.vision_grid  # ViT patches per tile side
     patch = model.config.image_size // grid
 
-    hits, ious = collections.defaultdict(list), collections.defaultdict(list)
+    by_kind, everything = collections.defaultdict(ReferringMetrics), ReferringMetrics()  # scored as evaluate does
     features, shapes, colours, image_of = [], [], [], []
     with torch.inference_mode():
         for i in range(len(data)):
@@ -65,10 +65,9 @@ def main() -> None:
                 if referent.no_target:
                     continue
                 # The mask of the expression's [SEG] slot even where [REJ] won, as `mllmseg evaluate` scores it.
-                pred, truth = (result.probabilities[j] >= 0.5).numpy(), referent.mask
-                kind = expression_kind(expression.category, expression.text)
-                hits[kind].append(box_iou(box_from_mask(pred), np.asarray(referent.box, dtype=float)) > 0.5)
-                ious[kind].append((pred & truth).sum() / max((pred | truth).sum(), 1))
+                pred = (result.probabilities[j] >= 0.5).numpy()
+                for metrics in (by_kind[expression_kind(expression.category, expression.text)], everything):
+                    metrics.add(i, referent.mask, pred, gt_box=referent.box, no_target=False)
             # One tile per image (single tiling, square images): row-major patches after the CLS token.
             tokens = vit_out["h"][0, 1:].float().numpy()
             by_label = {o.label: o for o in scene.objects}
@@ -85,10 +84,11 @@ def main() -> None:
 
     print(f"{args.checkpoint}: {len(data)} held-out images")
     print(f"{'expression kind':28s} {'n':>4s} {'Prec@0.5':>9s} {'mean IoU':>9s}")
-    for kind in sorted(hits):
-        print(f"{kind:28s} {len(hits[kind]):4d} {np.mean(hits[kind]):9.3f} {np.mean(ious[kind]):9.3f}")
-    everything = [h for v in hits.values() for h in v]
-    print(f"{'all targeted':28s} {len(everything):4d} {np.mean(everything):9.3f}")
+    for kind in sorted(by_kind):
+        m = by_kind[kind].compute()
+        print(f"{kind:28s} {m['n_rec']:4d} {m['prec@0.5']:9.3f} {m['gIoU_per_expression']:9.3f}")
+    total = everything.compute()
+    print(f"{'all targeted':28s} {total['n_rec']:4d} {total['prec@0.5']:9.3f}")
 
     features, image_of = np.asarray(features), np.asarray(image_of)
     train = image_of < (2 * len(data)) // 3

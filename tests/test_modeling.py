@@ -232,7 +232,6 @@ def test_config_derives_decoder_sizes():
     assert (tiny_cfg.vision_grid, tiny_cfg.tokens_per_tile) == (16, 64)
 
 
-
 def test_tiny_vit_can_start_with_2d_sincos_position_embeddings():
     from mllmseg.tiny import build_tiny_model, sincos_position_embeddings
 
