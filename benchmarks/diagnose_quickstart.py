@@ -9,7 +9,13 @@ Not a timing benchmark: it explains the quickstart's held-out numbers. On the qu
    colour and shape ("the red circle");
 2. held-out accuracy of linear probes (least squares on one-hot targets) that read the shape and the colour of the
    object under a ViT patch from that patch's last-layer feature (`T_img^1`), for patches at least 30% covered by
-   one object, fitted on two thirds of the images and scored on the rest, next to the majority-class rate.
+   one object, fitted on two thirds of the images and scored on the rest, next to the majority-class rate;
+3. whether the `[SEG]` state follows the expression: for each colour that exactly two shapes of an image share
+   (centres at least the dataset's position margin apart), "the leftmost C shape" and "the rightmost C shape" go
+   through one `segment` call, and the cosine of their two `[SEG]` embeddings (the decoder's input) and the IoU of
+   their two masks are averaged; the same for two colours that one shape each has ("the C1 shape", "the C2
+   shape"), which name different shapes by colour alone. Near 1 and 1 means the model ignores the word that
+   tells the two apart.
 
     .venv/bin/python benchmarks/diagnose_quickstart.py mllmseg-quickstart/run/final [--images 150]
 """
@@ -20,6 +26,7 @@ import collections
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import AutoModel, AutoProcessor
 
 from mllmseg.data.synthetic import COLORS, SHAPES, SyntheticReferringDataset
@@ -41,6 +48,34 @@ def probe_accuracy(train_x, train_y, test_x, test_y, classes: int) -> float:
     return float((design(test_x) @ weights).argmax(1).__eq__(test_y).mean())
 
 
+def expression_pairs(scene, position_margin: float, width: int) -> dict[str, tuple[str, str]]:
+    """At most one pair of expressions per test of `[SEG]` contrast (see the module docstring) for one scene."""
+    members = collections.defaultdict(list)
+    for obj in scene.objects:
+        members[obj.color].append(obj)
+    pairs = {}
+    for colour, group in members.items():
+        if len(group) == 2 and abs(group[0].cx - group[1].cx) >= position_margin * width:
+            pairs["direction"] = (f"the leftmost {colour} shape", f"the rightmost {colour} shape")
+            break
+    single = [colour for colour, group in members.items() if len(group) == 1]
+    if len(single) >= 2:
+        pairs["colour"] = (f"the {single[0]} shape", f"the {single[1]} shape")
+    return pairs
+
+
+def seg_contrast(model, processor, image, pair: tuple[str, str], captured: list) -> tuple[float, float] | None:
+    """(cosine of the two `[SEG]` embeddings, IoU of the two masks) for two expressions about one image."""
+    captured.clear()
+    result = model.segment(processor, image, list(pair))
+    if not captured or captured[-1].shape[0] != 2:
+        return None
+    seg = captured[-1].float()
+    a, b = (result.probabilities[k] >= 0.5 for k in range(2))
+    union = int((a | b).sum())
+    return float(F.cosine_similarity(seg[0], seg[1], dim=0)), (int((a & b).sum()) / union if union else 1.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
@@ -52,11 +87,14 @@ def main() -> None:
     processor = AutoProcessor.from_pretrained(args.checkpoint, trust_remote_code=True)
     vit_out = {}
     model.model.vision_tower.register_forward_hook(lambda m, i, o: vit_out.__setitem__("h", o.last_hidden_state))
+    seg_rows = []  # the decoder's [SEG] embeddings of the latest `segment` call
+    model.mask_decoder.text_down.register_forward_hook(lambda m, i, o: seg_rows.append(i[0].detach()))
     grid = model.config.vision_grid  # ViT patches per tile side
     patch = model.config.image_size // grid
 
     by_kind, everything = collections.defaultdict(ReferringMetrics), ReferringMetrics()  # scored as evaluate does
     features, shapes, colours, image_of = [], [], [], []
+    contrast = collections.defaultdict(list)
     with torch.inference_mode():
         for i in range(len(data)):
             sample, scene = data[i], data.scene(i)
@@ -81,6 +119,10 @@ def main() -> None:
                     shapes.append(SHAPES.index(obj.shape))
                     colours.append(list(COLORS).index(obj.color))
                     image_of.append(i)
+            for test, pair in expression_pairs(scene, data.position_margin, data.image_size[1]).items():
+                measured = seg_contrast(model, processor, sample.image, pair, seg_rows)
+                if measured is not None:
+                    contrast[test].append(measured)
 
     print(f"{args.checkpoint}: {len(data)} held-out images")
     print(f"{'expression kind':28s} {'n':>4s} {'Prec@0.5':>9s} {'mean IoU':>9s}")
@@ -97,6 +139,13 @@ def main() -> None:
         majority = np.bincount(target[~train], minlength=classes).max() / (~train).sum()
         print(f"linear probe, ViT patch feature -> {name}: held-out accuracy {accuracy:.3f} "
               f"(majority class {majority:.3f}; {train.sum()} / {(~train).sum()} patches)")
+    examples = {"direction": "'the leftmost C shape' vs 'the rightmost C shape'",
+                "colour": "'the C1 shape' vs 'the C2 shape'"}
+    for test, example in examples.items():
+        values = np.asarray(contrast[test]).reshape(-1, 2)
+        if len(values):
+            print(f"[SEG] contrast, {test}: {example}: {len(values)} pairs, [SEG] cosine {values[:, 0].mean():.3f}, "
+                  f"mask IoU {values[:, 1].mean():.3f}")
 
 
 if __name__ == "__main__":
