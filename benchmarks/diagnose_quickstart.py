@@ -64,13 +64,14 @@ def expression_pairs(scene, position_margin: float, width: int) -> dict[str, tup
     return pairs
 
 
-def seg_contrast(model, processor, image, pair: tuple[str, str], captured: list) -> tuple[float, float] | None:
+def seg_contrast(model, processor, image, pair: tuple[str, str], captured: dict) -> tuple[float, float] | None:
     """(cosine of the two `[SEG]` embeddings, IoU of the two masks) for two expressions about one image."""
-    captured.clear()
+    captured.pop("seg", None)
     result = model.segment(processor, image, list(pair))
-    if not captured or captured[-1].shape[0] != 2:
+    seg = captured.get("seg")
+    if seg is None or seg.shape[0] != 2:
         return None
-    seg = captured[-1].float()
+    seg = seg.float()
     a, b = (result.probabilities[k] >= 0.5 for k in range(2))
     union = int((a | b).sum())
     return float(F.cosine_similarity(seg[0], seg[1], dim=0)), (int((a & b).sum()) / union if union else 1.0)
@@ -85,10 +86,10 @@ def main() -> None:
     data = SyntheticReferringDataset(args.images, seed=0, split="validation", **synthetic_scene_kwargs("tiny"))
     model = AutoModel.from_pretrained(args.checkpoint, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(args.checkpoint, trust_remote_code=True)
-    vit_out = {}
-    model.model.vision_tower.register_forward_hook(lambda m, i, o: vit_out.__setitem__("h", o.last_hidden_state))
-    seg_rows = []  # the decoder's [SEG] embeddings of the latest `segment` call
-    model.mask_decoder.text_down.register_forward_hook(lambda m, i, o: seg_rows.append(i[0].detach()))
+    captured = {}  # hook outputs of the latest forward: ViT states, the decoder's [SEG] embeddings
+    model.model.vision_tower.register_forward_hook(lambda m, i, o: captured.__setitem__("vit", o.last_hidden_state))
+    # The decoder's [SEG] embeddings `(num_seg, T)` of the latest `segment` call.
+    model.mask_decoder.text_down.register_forward_hook(lambda m, i, o: captured.__setitem__("seg", i[0]))
     grid = model.config.vision_grid  # ViT patches per tile side
     patch = model.config.image_size // grid
 
@@ -107,7 +108,7 @@ def main() -> None:
                 for metrics in (by_kind[expression_kind(expression.category, expression.text)], everything):
                     metrics.add(i, referent.mask, pred, gt_box=referent.box, no_target=False)
             # One tile per image (single tiling, square images): row-major patches after the CLS token.
-            tokens = vit_out["h"][0, 1:].float().numpy()
+            tokens = captured["vit"][0, 1:].float().numpy()
             by_label = {o.label: o for o in scene.objects}
             for cell in range(grid * grid):
                 r, c = divmod(cell, grid)
@@ -120,7 +121,7 @@ def main() -> None:
                     colours.append(list(COLORS).index(obj.color))
                     image_of.append(i)
             for test, pair in expression_pairs(scene, data.position_margin, data.image_size[1]).items():
-                measured = seg_contrast(model, processor, sample.image, pair, seg_rows)
+                measured = seg_contrast(model, processor, sample.image, pair, captured)
                 if measured is not None:
                     contrast[test].append(measured)
 

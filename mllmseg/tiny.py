@@ -10,6 +10,7 @@ import math
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import InternVLVisionConfig, PreTrainedTokenizerFast
+from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
 
 from .remote_code.configuration_mllmseg import (
     ADDED_TOKENS,
@@ -159,18 +160,12 @@ def build_tiny_model(
 
 def sincos_position_embeddings(grid: int, dim: int) -> torch.Tensor:
     """`[grid * grid, dim]` 2D sin-cos position embeddings (MAE style), rows in raster order: the first half of the
-    channels encodes the column, the second half the row, each as sines and cosines of geometric frequencies."""
-    if dim % 4:
-        raise ValueError(f"2D sin-cos position embeddings need a width divisible by 4, got {dim}")
-    quarter = dim // 4
-    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                                indexing="ij")
-    parts = []
-    for coordinate in (cols.flatten(), rows.flatten()):
-        angles = coordinate[:, None] * frequencies[None]
-        parts += [angles.sin(), angles.cos()]
-    return torch.cat(parts, dim=1).float()
+    channels encodes the column, the second half the row, each as sines and cosines of geometric frequencies.
+
+    transformers' MAE table with its two halves swapped (it puts the row first): column first is the layout the
+    README's sin-cos runs were measured with."""
+    table = build_2d_sinusoidal_position_embedding(grid, grid, dim)  # raises unless dim % 4 == 0
+    return torch.cat([table[:, dim // 2 :], table[:, : dim // 2]], dim=1)
 
 
 def build_processor(tokenizer, config: MLLMSegConfig, system_message: str | None = None) -> MLLMSegProcessor:
