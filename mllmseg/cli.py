@@ -3,7 +3,7 @@
 Each module in COMMAND_MODULES defines `register(subparsers)`, adding its commands with `--help` texts and a
 `func(args) -> int` default. Errors a user can fix (bad paths, bad arguments) are raised as `CommandError` or
 `ValueError`/`OSError` (FileNotFoundError, NotADirectoryError, PermissionError, the image loader's ImageLoadError,
-transformers' "can't load" errors) and printed as one line with exit code 2, not a traceback. Anything else is a
+transformers' "can't load" errors, the remote code's UnsupportedTransformersError) and printed as one line with exit code 2, not a traceback. Anything else is a
 bug and keeps its traceback.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "mllmseg.commands.segment",
     "mllmseg.commands.chat",
     "mllmseg.commands.demo",
+    "mllmseg.commands.env",
 ]
 
 
@@ -43,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CommandError, OSError, ValueError) as error:
+    except (CommandError, OSError, ValueError, ImportError) as error:
+        if isinstance(error, ImportError) and not hasattr(error, "supported"):
+            raise  # a missing module is a bug or a broken install, not a user's mistake; keep its traceback
         # One line even when the message has several (transformers' loading errors do).
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"mllmseg {args.command}: error: {message}", file=sys.stderr)

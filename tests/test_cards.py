@@ -41,6 +41,9 @@ def test_card_metadata_and_model_index():
     assert ("jxu124/refcocog", "n_acc") not in results  # None metrics are left out
     assert all(r.task_type == "image-segmentation" and r.dataset_split == "val" for r in data.eval_results)
     assert data.model_name == "MLLMSeg-InternVL2.5-8B"
+    from mllmseg.remote_code.compat_mllmseg import SUPPORTED_TRANSFORMERS
+
+    assert f"`transformers` ({SUPPORTED_TRANSFORMERS}: the releases it is" in str(card)  # what the remote code accepts
 
 
 def test_card_body_sections():

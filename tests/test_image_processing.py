@@ -1,6 +1,6 @@
 """MLLMSegImageProcessor: parity with the model-card tiling oracle, single mode, RGB conversion, errors, save/load.
 
-The oracle is `../shared/reference/dynamic_tiling.py` (the InternVL / MLLMSeg model-card algorithm); outputs must be
+The oracle is `tests/tiling_oracle.py` (the InternVL / MLLMSeg model-card algorithm, written plainly); outputs must be
 bit-identical to it (max abs difference exactly 0), not merely close.
 """
 
@@ -23,19 +23,8 @@ from mllmseg.remote_code.image_processing_mllmseg import (
     load_image,
 )
 
-from .conftest import REPO_ROOT, SHARED
-
-ORACLE_PATH = SHARED / "reference" / "dynamic_tiling.py"
-
-
-def _load_oracle():
-    spec = importlib.util.spec_from_file_location("dynamic_tiling_oracle", ORACLE_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-oracle = _load_oracle()
+from . import tiling_oracle as oracle
+from .conftest import REPO_ROOT
 
 
 def _image(width, height, seed, smooth=True):

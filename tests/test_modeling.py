@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from mllmseg import MLLMSegConfig
+from mllmseg.remote_code.compat_mllmseg import disable_activation_checkpointing, enable_activation_checkpointing
 from mllmseg.remote_code.modeling_mllmseg import preferred_attn_implementation
 from mllmseg.tiny import build_tiny_tokenizer, tiny_config
 
@@ -147,10 +148,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain = grads()
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model, use_reentrant=False)
     assert model.model.language_model.gradient_checkpointing
     checkpointed = grads()
-    model.activation_checkpointing_disable()
+    disable_activation_checkpointing(model)
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-4)

@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..remote_code.compat_mllmseg import SUPPORTED_TRANSFORMERS
+
 # (key in evaluate_dataset()["metrics"], label in tables, model-index metric type)
 METRICS: list[tuple[str, str, str]] = [
     ("cIoU", "cIoU", "ciou"),
@@ -196,5 +198,6 @@ def build_model_card(
         metrics_table=metrics_table(eval_results),
         metrics_notes=METRICS_NOTES,
         training_notes=training_notes,
+        transformers_range=SUPPORTED_TRANSFORMERS,
     )
     return card

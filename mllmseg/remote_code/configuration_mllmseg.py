@@ -1,13 +1,15 @@
 # Copyright 2026 The mllmseg authors. Licensed under the Apache License, Version 2.0.
 """MLLMSeg configuration.
 
-This file travels inside checkpoints as remote code: it imports only transformers and
-the standard library.
+This file travels inside checkpoints as remote code: it imports only transformers, huggingface_hub, the
+standard library and its siblings in this folder.
 """
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
 from transformers import InternVLConfig
+
+from .compat_mllmseg import SUPPORTED_TRANSFORMERS  # noqa: F401  (importing it refuses an unsupported transformers)
 
 # Tokens MLLMSeg adds to the tokenizer, in the reference order (the first nine exist in InternVL2.5 tokenizers).
 IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN = "<img>", "</img>", "<IMG_CONTEXT>"

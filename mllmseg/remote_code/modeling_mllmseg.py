@@ -18,10 +18,10 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.models.internvl.modeling_internvl import InternVLModel
-from transformers.utils import ModelOutput
 
+from .compat_mllmseg import CACHE_NAME, cache_kwargs, output_cache, pop_cache
 from .configuration_mllmseg import MLLMSegConfig
 from .inference_mllmseg import MLLMSegInferenceMixin
 from .mask_decoder_mllmseg import DSFFMaskDecoder, DySampleUpsampler
@@ -46,29 +46,28 @@ def preferred_attn_implementation(dtype: torch.dtype | None = None) -> str:
 
 
 @dataclass
-class MLLMSegCausalLMOutputWithPast(ModelOutput):
+class MLLMSegCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
+    transformers' causal LM output (`loss`, `logits`, the cache, `hidden_states`, `attentions`; the cache field is
+    `past_key_values` up to transformers 5.23 and `cache` from 5.24, inherited as the installed release names it)
+    plus:
+
     loss (`torch.FloatTensor` of shape `()`, *optional*):
         `lm_loss_weight * lm_loss + mask_loss`, when `labels` and/or `masks` are given.
+    logits (`torch.FloatTensor` of shape `(B, L, vocab)`): next-token logits.
     lm_loss (`torch.FloatTensor` of shape `()`, *optional*): next-token cross-entropy over `labels` (-100 ignored).
     mask_loss (`torch.FloatTensor` of shape `()`, *optional*): `bce_loss_weight * BCE + dice_loss_weight * Dice`
         over the ground-truth masks.
-    logits (`torch.FloatTensor` of shape `(B, L, vocab)`): next-token logits.
     pred_masks (`list[torch.FloatTensor]`, *optional*): per sample, mask logits `(num_seg, rows * R, cols * R)`,
         one map per `[SEG]` token in order, on the sample's tile canvas (`R x R` per tile: R = S for the DSFF
         decoder, R = 2G (64 at 448 px) for the SELF1E head).
-    past_key_values, hidden_states, attentions: as in transformers' causal LM outputs.
-    image_hidden_states (`torch.FloatTensor` of shape `(N, g*g, T)`, *optional*): projected image features.
+    image_hidden_states (`torch.FloatTensor` of shape `(N, g*g, T)`, *optional*): projected image features of this
+        call's tiles (None on cached decoding steps and text-only calls).
     """
 
-    loss: torch.FloatTensor | None = None
     lm_loss: torch.FloatTensor | None = None
     mask_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
     pred_masks: list[torch.FloatTensor] | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
 
 
@@ -78,7 +77,7 @@ class MLLMSegPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _no_split_modules = ["DSFFMaskDecoder", "SELF1EMaskHead"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -459,7 +458,8 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
             input_ids (`(B, L)`): tokens, images already expanded to `<img>` + `<IMG_CONTEXT>` x g*g per tile +
                 `</img>` (the processor does this).
             pixel_values (`(N, 3, S, S)`): the tiles of every sample, concatenated in sample order.
-            attention_mask (`(B, L)`), position_ids, past_key_values, inputs_embeds, use_cache: as for causal LMs.
+            attention_mask (`(B, L)`), position_ids, past_key_values, inputs_embeds, use_cache: as for causal LMs
+                (the cache may also come as `cache=`, the name transformers uses from 5.24 on).
             labels (`(B, L)`, *optional*): next-token targets, -100 where no loss is taken.
             masks (`list` of `(num_seg_b, H_b, W_b)`, *optional*): ground-truth masks, one per `[SEG]` of each sample.
             tile_grids (`(B, 2)`, *optional*): (rows, cols) of each sample's tile grid, for samples with several tiles.
@@ -471,6 +471,8 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
         """
         if input_ids is None and inputs_embeds is None:
             raise ValueError("pass input_ids (or inputs_embeds)")
+        cache = pop_cache(kwargs, past_key_values)
+        first_step = cache is None or cache.get_seq_length() == 0
         image_outputs = (mm_encoder_outputs or {}).get("image")
         has_image_tokens = input_ids is not None and bool((input_ids == self.config.image_token_id).any())
         if has_image_tokens and pixel_values is None and image_outputs is None:
@@ -494,7 +496,7 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
             self.config.mask_head == "self1e"
             and has_seg
             and has_image_tokens
-            and (past_key_values is None or past_key_values.get_seq_length() == 0)
+            and first_step
             and (attention_mask is None or attention_mask.dim() == 2)
         )
         if dual_pass:
@@ -504,10 +506,10 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             mm_encoder_outputs={"image": image_outputs} if image_outputs is not None else None,
+            **cache_kwargs(cache),
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -527,7 +529,7 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
             pred_masks, low_res_masks = self._predict_masks(
                 self.mask_head_inputs(input_ids, mask_states, image_outputs), seg_emb, seg_sample, tiles, tile_grids
             )
-        elif has_seg and not has_image_tokens and (past_key_values is None or past_key_values.get_seq_length() == 0):
+        elif has_seg and not has_image_tokens and first_step:
             raise ValueError("the text has [SEG] tokens but no image to segment")
         elif masks is not None and image_outputs is None:
             raise ValueError("masks were given but there is no image (pixel_values) to predict them from")
@@ -550,10 +552,10 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
             mask_loss=mask_loss,
             logits=logits,
             pred_masks=pred_masks,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
+            image_hidden_states=None if image_outputs is None else image_outputs.pooler_output,
+            **cache_kwargs(output_cache(outputs)),
         )
 
 

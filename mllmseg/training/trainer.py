@@ -22,6 +22,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, sort_checkpoints
 
+from ..remote_code.compat_mllmseg import training_checkpointing_fields
 from .collator import MLLMSegCollator
 from .dataset import ConversationDataset
 
@@ -228,6 +229,15 @@ def training_arguments(recipe: dict[str, Any], output_dir: str) -> TrainingArgum
         if key.endswith("_strategy") and value is False:  # YAML reads a bare `no` as false
             kwargs[key] = "no"
     kwargs.setdefault("remove_unused_columns", False)
+    # Recipes say `gradient_checkpointing` (or `activation_checkpointing`); pass it under the installed release's
+    # names, with non-reentrant checkpointing by default (the LoRA base is frozen: reentrant checkpointing would see
+    # no input that requires grad).
+    flags = [kwargs.pop(name) for name in ("gradient_checkpointing", "activation_checkpointing") if name in kwargs]
+    ckpt_kwargs = [kwargs.pop(n) for n in ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs") if n in kwargs]
+    if any(flags):
+        flag_field, kwargs_field = training_checkpointing_fields(TrainingArguments)
+        kwargs[flag_field] = True
+        kwargs[kwargs_field] = next((k for k in ckpt_kwargs if k), None) or {"use_reentrant": False}
     deepspeed = kwargs.get("deepspeed")
     if isinstance(deepspeed, str) and not os.path.isfile(deepspeed):
         from .recipes import RECIPE_DIR
@@ -263,8 +273,6 @@ def build_trainer(recipe: dict[str, Any], output_dir: str | None = None, callbac
                 processor.save_pretrained(base_path)
         model = apply_lora(model, LoraRecipe(**lora_cfg))
         model.peft_config["default"].base_model_name_or_path = os.path.abspath(base_path)
-    if args.gradient_checkpointing:
-        args.gradient_checkpointing_kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
     data_cfg = dict(recipe.get("data") or {})
     if "train" not in data_cfg:
         raise ValueError("the recipe has no data.train section")
