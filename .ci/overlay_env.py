@@ -7,7 +7,7 @@
 
 The set is resolved with `pip install --dry-run --ignore-installed --report` for `.[test]`, with torch held at the
 main environment's release (a CUDA build is never fetched); every other package of the set is installed with
-`--no-deps --target DIR/packages`. `DIR/venv` is an empty venv whose `.pth` puts that folder, then the main
+`--no-deps --target DIR/site-packages`. `DIR/venv` is an empty venv whose `.pth` puts that folder, then the main
 environment's site-packages, on `sys.path` (`site.addsitedir`, so the editable mllmseg and fresh `python -I`
 children see it too). Prints the overlay's python. Run it with the main environment's python.
 """
@@ -63,7 +63,8 @@ def write_lock(path: Path) -> None:
 def build_overlay(kind: str, folder: Path, requirements: list[str] | None = None) -> Path:
     pins = resolve([OLDEST] if kind == "oldest" else [], requirements if kind == "only" else None)
     folder.mkdir(parents=True, exist_ok=True)
-    packages = folder / "packages"
+    # Named site-packages: dill (datasets' hashing) pickles modules outside a folder of that name by value.
+    packages = folder / "site-packages"
     wanted = "".join(f"{n}=={v}\n" for n, v in pins.items())
     stamp = folder / "pins.txt"
     if not (stamp.exists() and stamp.read_text() == wanted and packages.is_dir()):

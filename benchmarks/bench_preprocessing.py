@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = REPO_ROOT.parent / "shared" / "reference" / "dynamic_tiling.py"
+REFERENCE = REPO_ROOT / "tests" / "tiling_oracle.py"  # the model card's tiling, written plainly
 sys.path.insert(0, str(REPO_ROOT))
 
 from mllmseg.remote_code.image_processing_mllmseg import MLLMSegImageProcessor  # noqa: E402

@@ -12,15 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from .remote_code.configuration_mllmseg import (
-    ADDED_TOKENS,
-    IMG_CONTEXT_TOKEN,
-    IMG_END_TOKEN,
-    IMG_START_TOKEN,
-    REJ_TOKEN,
-    SEG_TOKEN,
-    MLLMSegConfig,
-)
+from .remote_code.configuration_mllmseg import ADDED_TOKENS, MLLMSegConfig, token_id_fields
 from .remote_code.modeling_mllmseg import MLLMSegForConditionalGeneration
 
 # transformers' legacy InternVL names -> this model's names. Without the lm_head entry the base lm_head would be
@@ -79,13 +71,8 @@ def from_internvl(base: str | Path, tokenizer=None, **config_overrides):
     fields = base_config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         fields.pop(key, None)
-    ids = tokenizer.convert_tokens_to_ids
     fields.update(
-        image_token_id=ids(IMG_CONTEXT_TOKEN),
-        image_start_token_id=ids(IMG_START_TOKEN),
-        image_end_token_id=ids(IMG_END_TOKEN),
-        seg_token_id=ids(SEG_TOKEN),
-        rej_token_id=ids(REJ_TOKEN),
+        **token_id_fields(tokenizer),
         tie_word_embeddings=bool(getattr(base_config, "tie_word_embeddings", False))
         and bool(getattr(base_config.get_text_config(), "tie_word_embeddings", True)),
     )

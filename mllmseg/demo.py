@@ -174,7 +174,7 @@ def launch_demo(model_path: str, host: str = "127.0.0.1", port: int | None = Non
                 cpu: bool = False, block: bool = True, max_new_tokens: int = 128):
     """Load `model_path` and serve the demo on http://host:port (loopback by default, never a share link)."""
     gr = import_gradio()
-    from .commands.segment import load_model
+    from .loading import load_model
 
     model, processor = load_model(model_path, dtype, cpu)
     demo = build_demo(model, processor, title=f"MLLMSeg: {Path(model_path).name or model_path}",

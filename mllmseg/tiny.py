@@ -12,28 +12,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import InternVLVisionConfig, PreTrainedTokenizerFast
 from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
 
-from .remote_code.configuration_mllmseg import (
-    ADDED_TOKENS,
-    IMG_CONTEXT_TOKEN,
-    IMG_END_TOKEN,
-    IMG_START_TOKEN,
-    REJ_TOKEN,
-    SEG_TOKEN,
-    MLLMSegConfig,
-)
-from .remote_code.image_processing_mllmseg import MLLMSegImageProcessor
+from .remote_code.configuration_mllmseg import ADDED_TOKENS, REJ_TOKEN, SEG_TOKEN, MLLMSegConfig, token_id_fields
 from .remote_code.modeling_mllmseg import MLLMSegForConditionalGeneration
 from .remote_code.processing_mllmseg import MLLMSegProcessor
 
 CHAT_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-
-# The InternVL2.5 chat format (SPEC section 3). The system turn is rendered by the processor.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 _CORPUS = [
     "system user assistant You are a helpful assistant that segments what a sentence refers to.",
@@ -72,7 +55,6 @@ def build_tiny_tokenizer(vocab_size: int = 512, with_seg_tokens: bool = True) ->
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         extra_special_tokens=[t for t in ADDED_TOKENS if with_seg_tokens or t not in (SEG_TOKEN, REJ_TOKEN)],
-        chat_template=CHAT_TEMPLATE,
         model_max_length=4096,
     )
     tokenizer.padding_side = "right"
@@ -117,15 +99,10 @@ def tiny_config(
         image_size=image_size,
         patch_size=patch_size,
     )
-    ids = tokenizer.convert_tokens_to_ids
     return MLLMSegConfig(
         vision_config=vision_config,
         text_config=text_config,
-        image_token_id=ids(IMG_CONTEXT_TOKEN),
-        image_start_token_id=ids(IMG_START_TOKEN),
-        image_end_token_id=ids(IMG_END_TOKEN),
-        seg_token_id=ids(SEG_TOKEN),
-        rej_token_id=ids(REJ_TOKEN),
+        **token_id_fields(tokenizer),
         tie_word_embeddings=False,
         **overrides,
     )
@@ -169,13 +146,5 @@ def sincos_position_embeddings(grid: int, dim: int) -> torch.Tensor:
 
 
 def build_processor(tokenizer, config: MLLMSegConfig, system_message: str | None = None) -> MLLMSegProcessor:
-    """The processor matching a model config: tile size, tiling mode and image tokens per tile from the config."""
-    image_processor = MLLMSegImageProcessor(
-        tile_size=config.image_size, tiling=config.seg_tiling, max_tiles=config.max_dynamic_tiles
-    )
-    return MLLMSegProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        tokens_per_tile=config.tokens_per_tile,
-        system_message=system_message,
-    )
+    """The processor for a tiny model (`MLLMSegProcessor.for_model_config`, the factory every backbone uses)."""
+    return MLLMSegProcessor.for_model_config(tokenizer, config, system_message=system_message)

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from mllmseg import MLLMSegForConditionalGeneration
 from mllmseg.cli import main as cli_main
-from mllmseg.convert import convert_upstream, merge_lora, split_internlm2_wqkv
+from mllmseg.convert import convert_upstream, merge_lora_weights, split_internlm2_wqkv
 from mllmseg.tiny import build_tiny_tokenizer, tiny_config
 from tests._models import batch_inputs
 
@@ -220,13 +220,13 @@ def test_merge_lora_math():
     p = "language_model.base_model.model.model.layers.0.attention.wo"
     state = {f"{p}.base_layer.weight": w, f"{p}.base_layer.bias": bias, f"{p}.lora_A.default.weight": a,
              f"{p}.lora_B.default.weight": b, "language_model.base_model.model.output.weight": w}
-    merged = merge_lora(state, 0.5)
+    merged = merge_lora_weights(state, 0.5)
     assert set(merged) == {"language_model.model.layers.0.attention.wo.weight",
                            "language_model.model.layers.0.attention.wo.bias", "language_model.output.weight"}
     expected = w + 0.5 * torch.einsum("or,ri->oi", b, a)
     torch.testing.assert_close(merged["language_model.model.layers.0.attention.wo.weight"], expected)
     with pytest.raises(ValueError, match="no scale is known"):
-        merge_lora(state, {"language_model.": None})
+        merge_lora_weights(state, {"language_model.": None})
 
 
 def test_convert_upstream_internlm2(tmp_path, tokenizer):

@@ -13,7 +13,7 @@ from mllmseg.cli import main
 from mllmseg.hub.release import ReleaseError, remote_code_closure, verify_release
 
 REPO_ROOT_FILES = {
-    "README.md", "chat_template.jinja", "compat_mllmseg.py", "config.json", "configuration_mllmseg.py",
+    "README.md", "compat_mllmseg.py", "config.json", "configuration_mllmseg.py",
     "conversation_mllmseg.py", "generation_config.json", "image_processing_mllmseg.py", "inference_mllmseg.py",
     "mask_decoder_mllmseg.py", "model.safetensors", "modeling_mllmseg.py", "processing_mllmseg.py",
     "processor_config.json", "tokenizer.json", "tokenizer_config.json", "self1e_head_mllmseg.py",

@@ -5,7 +5,7 @@ import torch
 
 from mllmseg.data.records import Referent, ReferringSample
 from mllmseg.data.synthetic import SyntheticReferringDataset
-from mllmseg.remote_code.conversation_mllmseg import MAX_EXPRESSIONS_PER_SAMPLE
+from mllmseg.remote_code.conversation_mllmseg import MAX_EXPRESSIONS_PER_SAMPLE, unmark
 from mllmseg.tiny import build_processor, build_tiny_model
 from mllmseg.training.collator import MLLMSegCollator
 from mllmseg.training.dataset import ConversationDataset
@@ -79,7 +79,8 @@ def test_collator_labels_padding_masks_and_forward(tiny_setup):
     for i, item in enumerate(items):
         answer_ids = labels[i][labels[i] != -100]
         # loss only on the answer and its closing <|im_end|> (+ the turn's newline)
-        assert tok.decode(answer_ids).rstrip("\n") == item["answer"] + "<|im_end|>"
+        # (the item marks its expressions as user text, for escaping; the tokens hold the plain text)
+        assert tok.decode(answer_ids).rstrip("\n") == unmark(item["answer"])[0] + "<|im_end|>"
     assert [None if m is None else tuple(m.shape) for m in batch["masks"]] == [(1, 40, 50), (3, 70, 30), None]
     model.train()
     out = model(**batch)

@@ -43,7 +43,7 @@ def questions(stream, interactive: bool):
 
 
 def run(args) -> int:
-    from .segment import check_model_path, load_model, read_image
+    from ..loading import check_model_path, load_model, read_image
 
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")

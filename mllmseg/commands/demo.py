@@ -27,7 +27,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from ..cli import CommandError
     from ..demo import DEFAULT_MODEL, import_gradio, launch_demo
-    from .segment import check_model_path
+    from ..loading import check_model_path
 
     model = args.model
     if model is None:

@@ -79,18 +79,15 @@ def run(args) -> int:
 
     import torch
     from accelerate import Accelerator
-    from transformers import AutoModel, AutoProcessor
 
     from ..evaluation.evaluate import evaluate_dataset
     from ..hub.cards import METRICS, METRICS_NOTES, metrics_table
+    from ..loading import load_model
 
     # accelerate only sets up a CPU process group (gloo) when asked for the CPU: do so when there is no accelerator,
     # so `torchrun --nproc_per_node N -m mllmseg evaluate ...` is data-parallel on a CPU-only machine too.
     accelerator = Accelerator(cpu=args.cpu or not _has_accelerator(torch))
-    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = AutoModel.from_pretrained(args.model_dir, trust_remote_code=True, dtype=dtype).eval()
-    model.to(accelerator.device)
-    processor = AutoProcessor.from_pretrained(args.model_dir, trust_remote_code=True)
+    model, processor = load_model(args.model_dir, args.dtype, device=accelerator.device)
     start = time.perf_counter()
     with torch.inference_mode():
         out = evaluate_dataset(model, processor, dataset, mode=args.mode, limit=args.limit,

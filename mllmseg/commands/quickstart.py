@@ -26,10 +26,10 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     import torch
-    from transformers import AutoModel, AutoProcessor
 
     from ..data.synthetic import SyntheticReferringDataset
     from ..evaluation.evaluate import evaluate_dataset
+    from ..loading import load_model
     from ..training.recipes import load_recipe, synthetic_scene_kwargs
     from ..training.trainer import run_training
     from ..visualize import draw_overlay
@@ -45,8 +45,7 @@ def run(args) -> int:
     checkpoint = result["final"]
     print(f"trained {result['global_step']} steps in {time.time() - start:.0f} s; checkpoint: {checkpoint}")
 
-    model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    model, processor = load_model(checkpoint, cpu=True)
     print(f"reloaded {type(model).__name__} from remote code ({type(model).__module__})")
 
     # Held-out: the training distribution, another split (disjoint random stream).

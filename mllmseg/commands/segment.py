@@ -33,44 +33,8 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def check_model_path(model: str) -> None:
-    """A missing local folder is a user error; a string shaped like `owner/name` may be a Hub id, so let it through
-    (from_pretrained then says whether it is reachable)."""
-    path = Path(model)
-    if path.exists():
-        if not path.is_dir():
-            raise NotADirectoryError(f"model must be a checkpoint folder, got a file: {model}")
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"no config.json in model folder {model}: not a checkpoint")
-        return
-    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
-        return
-    raise FileNotFoundError(f"model folder not found: {model}")
-
-
-def read_image(path: str):
-    """The image as RGB, or a one-line error (missing, not an image, truncated, ...)."""
-    from ..remote_code.image_processing_mllmseg import load_image
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    return load_image(path)  # raises ImageLoadError (a ValueError) with the reason
-
-
-def load_model(model_path: str, dtype: str = "auto", cpu: bool = False):
-    """AutoModel + AutoProcessor with trust_remote_code=True, on the GPU when there is one (unless `cpu`)."""
-    import torch
-    from transformers import AutoModel, AutoProcessor
-
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModel.from_pretrained(model_path, trust_remote_code=True, dtype=torch_dtype).eval()
-    if not cpu and torch.cuda.is_available():
-        model.to("cuda")
-    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
-    return model, processor
-
-
 def run(args) -> int:
+    from ..loading import check_model_path, load_model, read_image
     from ..visualize import draw_overlay, result_records
 
     expressions = [e.strip() for e in args.expressions]

@@ -66,8 +66,8 @@ def run_train(args) -> int:
 
 
 def run_merge(args) -> int:
-    from ..training.merge import merge_lora
+    from ..training.merge import merge_adapter_checkpoint
 
-    out = merge_lora(args.adapter_dir, args.out_dir, base=args.base)
+    out = merge_adapter_checkpoint(args.adapter_dir, args.out_dir, base=args.base)
     print(f"merged {args.adapter_dir} into {out}")
     return 0

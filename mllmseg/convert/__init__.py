@@ -6,12 +6,12 @@ from .upstream import (
     convert_upstream,
     load_source_config,
     load_source_state_dict,
-    merge_lora,
+    merge_lora_weights,
     split_internlm2_wqkv,
     split_vit_qkv,
 )
 
 __all__ = [
-    "convert_upstream", "convert_internvl", "convert_state_dict", "merge_lora", "split_internlm2_wqkv",
+    "convert_upstream", "convert_internvl", "convert_state_dict", "merge_lora_weights", "split_internlm2_wqkv",
     "split_vit_qkv", "load_source_state_dict", "load_source_config", "build_config",
 ]

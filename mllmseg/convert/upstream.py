@@ -162,7 +162,7 @@ def _lora_scales(src: Path, config: dict, lora_scale: float | None) -> dict[str,
     }
 
 
-def merge_lora(state: dict[str, torch.Tensor], scales: dict[str, float | None] | float) -> dict[str, torch.Tensor]:
+def merge_lora_weights(state: dict[str, torch.Tensor], scales: dict[str, float | None] | float) -> dict[str, torch.Tensor]:
     """Strip PEFT wrapper prefixes and fold `base_layer` + `lora_A/B.default` into plain weights: W + scale * B @ A.
 
     `scales`: one float, or a float (or None: "no scale known") per component prefix after stripping.
@@ -378,16 +378,9 @@ def build_config(config: dict, tokenizer, vocab_rows: int, decoder_ffn_dim: int 
                  new_ids: tuple[int, ...] = (), **overrides):
     """`MLLMSegConfig` from an InternVL chat config dict and the tokenizer's ids (`new_ids`: ids of tokens just added,
     whose embedding rows are grown after loading, so they may lie beyond `vocab_rows`)."""
-    from ..remote_code.configuration_mllmseg import (
-        IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, REJ_TOKEN, SEG_TOKEN, MLLMSegConfig,
-    )
+    from ..remote_code.configuration_mllmseg import MLLMSegConfig, token_id_fields
 
-    vocab = tokenizer.get_vocab()
-    needed = (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, SEG_TOKEN, REJ_TOKEN)
-    missing = [t for t in needed if t not in vocab]
-    if missing:
-        raise ValueError(f"the tokenizer lacks {missing}: an MLLMSeg checkpoint's tokenizer must hold them")
-    ids = {t: vocab[t] for t in needed}
+    ids = token_id_fields(tokenizer)
     too_big = {t: i for t, i in ids.items() if i >= vocab_rows and i not in new_ids}
     if too_big:
         raise ValueError(f"token ids {too_big} are outside the {vocab_rows}-row embedding: wrong tokenizer?")
@@ -400,11 +393,7 @@ def build_config(config: dict, tokenizer, vocab_rows: int, decoder_ffn_dim: int 
         vision_feature_layer=config.get("select_layer", -1),
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
-        image_token_id=ids[IMG_CONTEXT_TOKEN],
-        image_start_token_id=ids[IMG_START_TOKEN],
-        image_end_token_id=ids[IMG_END_TOKEN],
-        seg_token_id=ids[SEG_TOKEN],
-        rej_token_id=ids[REJ_TOKEN],
+        **ids,
         decoder_ffn_dim=None if decoder_ffn_dim in (None, width) else decoder_ffn_dim,
         tie_word_embeddings=False,
         **overrides,
@@ -457,12 +446,12 @@ def _convert(src, dst, *, tokenizer, lora_scale, base: bool, **overrides):
 
     from ..base_checkpoint import add_mllmseg_tokens, init_new_token_rows
     from ..remote_code.modeling_mllmseg import MLLMSegForConditionalGeneration
-    from ..tiny import build_processor
+    from ..remote_code.processing_mllmseg import MLLMSegProcessor
 
     src, dst = Path(src), Path(dst)
     config = load_source_config(src)
     tok = _load_tokenizer(src, tokenizer)
-    state = merge_lora(load_source_state_dict(src), _lora_scales(src, config, lora_scale))
+    state = merge_lora_weights(load_source_state_dict(src), _lora_scales(src, config, lora_scale))
     has_decoder = any(k.startswith("res_decoder.") for k in state)
     if base and has_decoder:
         raise ValueError(f"{src} holds res_decoder.* weights: it is an MLLMSeg checkpoint, use convert_upstream")
@@ -493,7 +482,8 @@ def _convert(src, dst, *, tokenizer, lora_scale, base: bool, **overrides):
         model.config.text_config.vocab_size = model.get_input_embeddings().weight.shape[0]
     model.eval()
     model.save_pretrained(dst)
-    processor = build_processor(tok, model.config)
+    # BOS as the source's tokenizer family has it (InternLM2: <s> first, as the reference prompts; Qwen2: none).
+    processor = MLLMSegProcessor.for_model_config(tok, model.config)
     processor.save_pretrained(dst)
     return dst
 
@@ -515,6 +505,6 @@ def convert_internvl(src: str | Path, dst: str | Path, *, tokenizer=None, lora_s
 
 
 __all__ = [
-    "convert_upstream", "convert_internvl", "convert_state_dict", "merge_lora", "split_internlm2_wqkv",
+    "convert_upstream", "convert_internvl", "convert_state_dict", "merge_lora_weights", "split_internlm2_wqkv",
     "split_vit_qkv", "load_source_state_dict", "load_source_config", "build_config",
 ]

@@ -38,6 +38,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from ..remote_code.image_processing_mllmseg import to_rgb
 from .masks import decode_segmentation
 from .records import Referent, ReferringSample, union_box, xywh_to_xyxy
 
@@ -166,7 +167,7 @@ class HubRefCOCODataset:
                                  f"image is {(height, width)}")
             mask |= part
             if "bbox" in ann:
-                boxes.append(xywh_to_xyxy(ann["bbox"]))
+                boxes.append(tuple(float(v) for v in xywh_to_xyxy(ann["bbox"])))
         if len(boxes) == len(anns):
             box = union_box(boxes)
         elif record.get("bbox") is not None and len(record["bbox"]) == 4:
@@ -193,17 +194,17 @@ def _open_image(path: Path, height: Optional[int] = None, width: Optional[int] =
     # Masks are rasterised at the recorded size; a different file would silently misalign them.
     if height is not None and image.size != (width, height):
         raise ValueError(f"image {path} is {image.size[0]}x{image.size[1]} but raw_image_info records {width}x{height}")
-    return image.convert("RGB")
+    return to_rgb(image, str(path))  # the image processor's conversion (alpha on white, 16-bit scaling)
 
 
 def _image_from_row(images, row: int, image_id: Any) -> Image.Image:
     """The ``image`` cell of ``row``: a decoded ``datasets.Image`` (PIL image) or an undecoded one (``{"bytes", "path"}``)."""
     cell = images[row][IMAGE_COLUMN]
     if isinstance(cell, Image.Image):
-        return cell.convert("RGB")
+        return to_rgb(cell, f"image of row {row}")
     if isinstance(cell, dict):
         if cell.get("bytes"):
-            return Image.open(io.BytesIO(cell["bytes"])).convert("RGB")
+            return to_rgb(Image.open(io.BytesIO(cell["bytes"])), f"image bytes of row {row}")
         if cell.get("path"):
             return _open_image(Path(cell["path"]))
     raise ValueError(f"image_id {image_id}: image column holds {type(cell).__name__}, not an image")

@@ -15,6 +15,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from ..remote_code.image_processing_mllmseg import to_rgb
+
 Box = Tuple[float, float, float, float]
 
 
@@ -78,7 +80,7 @@ class ReferringSample:
             if self.image_loader is None:
                 raise ValueError(f"sample {self.image_id!r} has no image loader")
             image = self.image_loader()
-            self._image = image if image.mode == "RGB" else image.convert("RGB")
+            self._image = to_rgb(image, f"image of sample {self.image_id!r}")
         return self._image
 
     @classmethod
@@ -86,14 +88,31 @@ class ReferringSample:
         """Build a sample around an image already in memory."""
         sample = cls(image_id=image_id, height=image.height, width=image.width, referents=referents, **kwargs)
         # Held directly rather than behind a closure, so the sample pickles (DataLoader workers send samples).
-        sample._image = image if image.mode == "RGB" else image.convert("RGB")
+        sample._image = to_rgb(image, f"image of sample {image_id!r}")
         return sample
 
 
-def xywh_to_xyxy(box: Sequence[float]) -> Box:
-    """COCO ``[x, y, w, h]`` -> ``(x, y, x + w, y + h)``."""
-    x, y, w, h = (float(v) for v in box)
-    return (x, y, x + w, y + h)
+def xywh_to_xyxy(box):
+    """COCO ``[..., 4]`` ``[x, y, w, h]`` -> ``[x, y, x + w, y + h]`` (float64 array)."""
+    box = np.asarray(box, dtype=np.float64)
+    return np.concatenate([box[..., :2], box[..., :2] + box[..., 2:]], axis=-1)
+
+
+def box_from_mask(mask) -> np.ndarray:
+    """Tight box of a mask: ``[..., H, W]`` -> ``[..., 4]`` float ``[x0, y0, x1, y1]``.
+
+    Coordinates are inclusive pixel indices: ``x0``/``x1`` are the min/max column index and ``y0``/``y1`` the
+    min/max row index of the true pixels (a single pixel at row r, column c gives ``[c, r, c, r]``), as the reference
+    evaluation boxes a predicted mask. An empty mask gives ``[0, 0, 0, 0]``. Non-bool masks are thresholded at > 0.5.
+    """
+    mask = np.asarray(mask)
+    mask = mask if mask.dtype == bool else mask > 0.5
+    cols, rows = mask.any(axis=-2), mask.any(axis=-1)  # [..., W], [..., H]
+    w, h = cols.shape[-1], rows.shape[-1]
+    x0, x1 = cols.argmax(-1), w - 1 - cols[..., ::-1].argmax(-1)
+    y0, y1 = rows.argmax(-1), h - 1 - rows[..., ::-1].argmax(-1)
+    box = np.stack([x0, y0, x1, y1], axis=-1).astype(np.float64)
+    return np.where(cols.any(-1)[..., None], box, 0.0)
 
 
 def union_box(boxes: Sequence[Box]) -> Optional[Box]:
@@ -105,10 +124,9 @@ def union_box(boxes: Sequence[Box]) -> Optional[Box]:
 
 
 def mask_to_box(mask: np.ndarray) -> Optional[Box]:
-    """xyxy box covering the True pixels of a bool ``[H, W]`` mask (``None`` when empty)."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
+    """Ground-truth box of a bool ``[H, W]`` mask as a COCO-style continuous extent: `box_from_mask` plus one on the
+    right and bottom (a pixel spans [c, c + 1]), like the xyxy of a COCO ``bbox``; ``None`` when empty."""
+    if not np.asarray(mask).any():
         return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
-
+    x0, y0, x1, y1 = (float(v) for v in box_from_mask(mask))
+    return (x0, y0, x1 + 1, y1 + 1)

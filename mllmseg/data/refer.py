@@ -29,6 +29,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
+from ..remote_code.image_processing_mllmseg import to_rgb
 from .masks import decode_segmentation
 from .records import Referent, ReferringSample, union_box, xywh_to_xyxy
 
@@ -296,7 +297,7 @@ class ReferDataset:
                 raise ValueError(f"ann_id {ann_id} (ref_id {record.ref_id}): bad segmentation: decoded to "
                                  f"{part.shape}, image is {(height, width)}")
             mask |= part
-            boxes.append(xywh_to_xyxy(ann["bbox"]))
+            boxes.append(tuple(float(v) for v in xywh_to_xyxy(ann["bbox"])))
         return mask, union_box(boxes)
 
 
@@ -316,4 +317,4 @@ def _open_image(path: Path, height: int, width: int) -> Image.Image:
     # Masks are rasterised at the recorded size; a different file would silently misalign them.
     if image.size != (width, height):
         raise ValueError(f"image {path} is {image.size[0]}x{image.size[1]} but instances.json records {width}x{height}")
-    return image.convert("RGB")
+    return to_rgb(image, str(path))  # the image processor's conversion (alpha on white, 16-bit scaling)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from .metrics import ReferringMetrics, compute_metrics, merge_states

@@ -29,6 +29,8 @@ from typing import Any, Dict, Iterable, Optional
 
 import numpy as np
 
+from ..data.records import box_from_mask, xywh_to_xyxy  # noqa: F401  (xywh_to_xyxy re-exported: callers of the metrics use it)
+
 _SCALARS = ("inter", "union", "iou_sum", "n_expr", "rec_hits", "n_rec", "nt_tp", "nt_fn", "t_tn", "t_fp")
 
 
@@ -36,28 +38,6 @@ def _as_bool_mask(mask) -> np.ndarray:
     """Bool view of a mask; non-bool inputs (probabilities or {0, 1}) are thresholded at > 0.5."""
     mask = np.asarray(mask)
     return mask if mask.dtype == bool else mask > 0.5
-
-
-def box_from_mask(mask) -> np.ndarray:
-    """Tight box of a mask: ``[..., H, W]`` -> ``[..., 4]`` float ``[x0, y0, x1, y1]``.
-
-    Coordinates are inclusive pixel indices: ``x0``/``x1`` are the min/max column index and ``y0``/``y1`` the
-    min/max row index of the true pixels (a single pixel at row r, column c gives ``[c, r, c, r]``).
-    An empty mask gives ``[0, 0, 0, 0]``. Non-bool masks are thresholded at > 0.5.
-    """
-    mask = _as_bool_mask(mask)
-    cols, rows = mask.any(axis=-2), mask.any(axis=-1)  # [..., W], [..., H]
-    w, h = cols.shape[-1], rows.shape[-1]
-    x0, x1 = cols.argmax(-1), w - 1 - cols[..., ::-1].argmax(-1)
-    y0, y1 = rows.argmax(-1), h - 1 - rows[..., ::-1].argmax(-1)
-    box = np.stack([x0, y0, x1, y1], axis=-1).astype(np.float64)
-    return np.where(cols.any(-1)[..., None], box, 0.0)
-
-
-def xywh_to_xyxy(box) -> np.ndarray:
-    """COCO ``[..., 4]`` ``[x, y, w, h]`` -> ``[x, y, x + w, y + h]``."""
-    box = np.asarray(box, dtype=np.float64)
-    return np.concatenate([box[..., :2], box[..., :2] + box[..., 2:]], axis=-1)
 
 
 def box_iou(a, b) -> np.ndarray:
@@ -213,4 +193,3 @@ class ReferringMetrics:
         return self.state["n_expr"]
 
 
-SegmentationMetricAccumulator = ReferringMetrics

@@ -19,6 +19,25 @@ ADDED_TOKENS = (
     SEG_TOKEN, REJ_TOKEN,
 )
 
+MLLMSEG_TOKENS = (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, SEG_TOKEN, REJ_TOKEN)
+
+
+def token_id_fields(tokenizer) -> dict[str, int]:
+    """The config's token-id fields (`image_token_id`, `image_start_token_id`, `image_end_token_id`,
+    `seg_token_id`, `rej_token_id`) read from a tokenizer; a ValueError names any token it lacks."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in MLLMSEG_TOKENS if t not in vocab]
+    if missing:
+        raise ValueError(f"the tokenizer lacks MLLMSeg's tokens {missing}; add them (mllmseg.base_checkpoint)")
+    return {
+        "image_token_id": vocab[IMG_CONTEXT_TOKEN],
+        "image_start_token_id": vocab[IMG_START_TOKEN],
+        "image_end_token_id": vocab[IMG_END_TOKEN],
+        "seg_token_id": vocab[SEG_TOKEN],
+        "rej_token_id": vocab[REJ_TOKEN],
+    }
+
+
 SEG_TILING_MODES = ("single", "dynamic")
 MASK_HEADS = ("dsff", "self1e")
 
@@ -128,4 +147,4 @@ class MLLMSegConfig(InternVLConfig):
         return self.llm_grid * self.llm_grid
 
 
-__all__ = ["MLLMSegConfig", "ADDED_TOKENS", "SEG_TOKEN", "REJ_TOKEN", "IMG_CONTEXT_TOKEN"]
+__all__ = ["MLLMSegConfig", "ADDED_TOKENS", "MLLMSEG_TOKENS", "token_id_fields", "SEG_TOKEN", "REJ_TOKEN", "IMG_CONTEXT_TOKEN"]

@@ -7,54 +7,17 @@ This file travels inside checkpoints as remote code: it imports only torch, tran
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
 from pathlib import Path
 
 import torch
 
-from .conversation_mllmseg import IMAGE_PLACEHOLDER, INTERNVL_SYSTEM_MESSAGE, evaluation_prompt, render_conversation
-from .processing_mllmseg import MLLMSegProcessor
+from .configuration_mllmseg import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from .conversation_mllmseg import IMAGE_PLACEHOLDER
+from .image_processing_mllmseg import MLLMSegImageProcessor
+from .processing_mllmseg import MLLMSegProcessor, SegmentationResult
 
 SEGMENT_MODES = ("fast", "generate")
-
-
-@dataclass
-class SegmentationResult:
-    """What `segment` returns for one image.
-
-    Attributes:
-        expressions: the expressions, in order.
-        masks: `(E, h, w)` bool, at the original image size (all False where rejected).
-        boxes: `(E, 4)` float xyxy, inclusive pixel indices ([0, 0, 0, 0] for an empty mask).
-        scores: `(E,)` mask confidence: mean probability over the mask's pixels (0 for an empty mask).
-        seg_probs: `(E,)` probability of `[SEG]` against `[REJ]` at the expression's slot.
-        rejected: `(E,)` bool, the model answered `[REJ]` (no such object).
-        text: the answer text (teacher-forced in `fast` mode, generated in `generate` mode).
-        probabilities: `(E, h, w)` mask probabilities.
-        rle: COCO RLE per mask, when asked for.
-    """
-
-    expressions: list[str]
-    masks: torch.Tensor
-    boxes: torch.Tensor
-    scores: torch.Tensor
-    seg_probs: torch.Tensor
-    rejected: torch.Tensor
-    text: str
-    probabilities: torch.Tensor | None = None
-    rle: list[dict] | None = field(default=None)
-
-
-def _left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int):
-    """Move each row's padding to the left (generation continues every row from its last column)."""
-    lengths = attention_mask.sum(1)
-    width = input_ids.shape[1]
-    ids = torch.full_like(input_ids, pad_id)
-    mask = torch.zeros_like(attention_mask)
-    for i, n in enumerate(lengths.tolist()):
-        ids[i, width - n :] = input_ids[i][attention_mask[i].bool()]
-        mask[i, width - n :] = 1
-    return ids, mask
 
 
 class _FinalStateRecorder:
@@ -78,8 +41,6 @@ class _FinalStateRecorder:
 
 class MLLMSegInferenceMixin:
     """`chat`, `batch_chat` (InternVL signatures) and `segment` for [`MLLMSegForConditionalGeneration`]."""
-
-    system_message = INTERNVL_SYSTEM_MESSAGE
 
     # -- shared pieces --------------------------------------------------------------------------------------------
     def _image_outputs(self, pixel_values):
@@ -107,7 +68,7 @@ class MLLMSegInferenceMixin:
 
         SELF1E: its image tokens attend to the later `[SEG]` (dual-perception mask), which generation could not
         know yet, so masks come from one full forward over prompt + answer with that mask instead."""
-        if self.config.mask_head == "self1e":
+        if self.mask_decoder.dual_pass:
             return self._masks_from_full_pass(sequences, prompt_attention_mask, image_outputs, tile_grids, eos_token_id)
         ids = sequences[:, : states.shape[1] + 1]
         hidden = torch.cat([states, states[:, -1:]], dim=1)  # pad so positions index as in a full forward
@@ -149,10 +110,36 @@ class MLLMSegInferenceMixin:
             masks[b] = found[i]
         return masks
 
-    def _eos_token_id(self, tokenizer) -> int:
-        return tokenizer.convert_tokens_to_ids("<|im_end|>")
-
     # -- InternVL-compatible chat ---------------------------------------------------------------------------------
+    def text_processor(self, tokenizer_or_processor) -> MLLMSegProcessor:
+        """The processor that renders `chat` prompts. `chat` takes InternVL's `tokenizer` argument or the processor
+        itself; with a bare tokenizer, the prompt settings (system message, BOS) are those of the processor saved
+        beside it (`processor_config.json` in the tokenizer's folder), else the defaults. Nothing is downloaded."""
+        if isinstance(tokenizer_or_processor, MLLMSegProcessor):
+            return tokenizer_or_processor
+        tokenizer = tokenizer_or_processor
+        cached = getattr(self, "_text_processor_cache", None)
+        if cached is not None and cached[0] is tokenizer:
+            return cached[1]
+        settings = {}
+        saved = Path(str(getattr(tokenizer, "name_or_path", "") or "")) / "processor_config.json"
+        if saved.is_file():
+            found = json.loads(saved.read_text(encoding="utf-8"))
+            settings = {k: found[k] for k in ("system_message", "bos_token_in_prompt", "prompt_format") if k in found}
+        image_processor = MLLMSegImageProcessor(tile_size=self.config.image_size, max_tiles=self.config.max_dynamic_tiles)
+        processor = MLLMSegProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                     tokens_per_tile=self.config.tokens_per_tile, **settings)
+        self._text_processor_cache = (tokenizer, processor)
+        return processor
+
+    @staticmethod
+    def _check_image_token_names(start, end, context):
+        if (start, end, context) != (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN):
+            raise ValueError(
+                f"MLLMSeg checkpoints use the image tokens {IMG_START_TOKEN} / {IMG_END_TOKEN} / {IMG_CONTEXT_TOKEN}; got "
+                f"{start} / {end} / {context}"
+            )
+
     @torch.inference_mode()
     def batch_chat(
         self,
@@ -163,36 +150,32 @@ class MLLMSegInferenceMixin:
         num_patches_list: list[int] | None = None,
         history=None,
         return_history: bool = False,
-        IMG_START_TOKEN: str = "<img>",  # noqa: N803 (InternVL's argument names)
-        IMG_END_TOKEN: str = "</img>",  # noqa: N803
-        IMG_CONTEXT_TOKEN: str = "<IMG_CONTEXT>",  # noqa: N803
+        IMG_START_TOKEN: str = IMG_START_TOKEN,  # noqa: N803 (InternVL's argument names)
+        IMG_END_TOKEN: str = IMG_END_TOKEN,  # noqa: N803
+        IMG_CONTEXT_TOKEN: str = IMG_CONTEXT_TOKEN,  # noqa: N803
         verbose: bool = False,
-        image_counts=None,
         return_masks: bool = False,
         tile_grids: torch.Tensor | None = None,
     ):
         """InternVL's `batch_chat`: one question per image (its tiles `num_patches_list[i]`), one answer each.
+        `tokenizer` may be the processor (see [`text_processor`]).
 
         With `return_masks=True` also returns, per answer, the mask logits of its `[SEG]` tokens on the tile canvas
         `(num_seg, rows * S, cols * S)` (pass `tile_grids` for multi-tile images), computed from the hidden states of
-        the generation itself.
+        the generation itself. Masks are computed only when asked for.
         """
+        self._check_image_token_names(IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
         if history is not None or return_history:
             raise ValueError("batch_chat does not keep history (as in InternVL); use chat for multi-turn")
         if pixel_values is not None and num_patches_list is None:
             num_patches_list = [pixel_values.shape[0]] if len(questions) == 1 else None
             if num_patches_list is None:
                 raise ValueError("pass num_patches_list: the number of tiles of each question's image")
-        prompts = []
-        for i, question in enumerate(questions):
-            if pixel_values is not None and IMAGE_PLACEHOLDER not in question:
-                question = IMAGE_PLACEHOLDER + "\n" + question
-            prompt = render_conversation([(question, None)], self.system_message)
-            if pixel_values is not None:
-                tokens = IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (self.config.tokens_per_tile * num_patches_list[i]) + IMG_END_TOKEN
-                prompt = prompt.replace(IMAGE_PLACEHOLDER, tokens, 1)
-            prompts.append(prompt)
-        responses, masks = self._chat_generate(tokenizer, prompts, pixel_values, generation_config, tile_grids, verbose)
+        processor = self.text_processor(tokenizer)
+        tiles = None if pixel_values is None else [[int(n)] for n in num_patches_list]
+        batch = processor(text=list(questions), num_tiles=tiles, padding_side="left")
+        responses, masks = self._chat_generate(processor, batch, pixel_values, generation_config, tile_grids,
+                                               verbose, return_masks)
         return (responses, masks) if return_masks else responses
 
     @torch.inference_mode()
@@ -205,71 +188,69 @@ class MLLMSegInferenceMixin:
         history: list[tuple[str, str]] | None = None,
         return_history: bool = False,
         num_patches_list: list[int] | None = None,
-        IMG_START_TOKEN: str = "<img>",  # noqa: N803
-        IMG_END_TOKEN: str = "</img>",  # noqa: N803
-        IMG_CONTEXT_TOKEN: str = "<IMG_CONTEXT>",  # noqa: N803
+        IMG_START_TOKEN: str = IMG_START_TOKEN,  # noqa: N803
+        IMG_END_TOKEN: str = IMG_END_TOKEN,  # noqa: N803
+        IMG_CONTEXT_TOKEN: str = IMG_CONTEXT_TOKEN,  # noqa: N803
         verbose: bool = False,
         return_masks: bool = False,
         tile_grids: torch.Tensor | None = None,
     ):
         """InternVL's `chat`: `response = model.chat(tokenizer, pixel_values, question, generation_config)`, or
         `response, history` with `return_history=True`. `pixel_values` `(tiles, 3, S, S)` (or None for text only);
-        several images in one question take `<image>` placeholders and `num_patches_list`.
+        several images in one question take `<image>` placeholders and `num_patches_list`. `tokenizer` may be the
+        processor (see [`text_processor`]): the prompt has the checkpoint's system message and, for InternLM2
+        backbones, the BOS, and the question is escaped (control tokens typed in it are plain text).
 
         With `return_masks=True` the result gains a last element: the mask logits of the answer's `[SEG]` tokens
         on the tile canvas `(num_seg, rows * R, cols * R)` (give `tile_grids` `(1, 2)` for a multi-tile image):
         DSFF reads the states captured while generating; SELF1E runs one extra pass with its dual-perception mask
-        over prompt + answer when the answer holds a `[SEG]`.
+        over prompt + answer when the answer holds a `[SEG]`. Masks are computed only when asked for.
         """
-        if history is None and pixel_values is not None and IMAGE_PLACEHOLDER not in question:
-            question = IMAGE_PLACEHOLDER + "\n" + question
+        self._check_image_token_names(IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
         if num_patches_list is None:
             num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
         if pixel_values is not None and sum(num_patches_list) != pixel_values.shape[0]:
             raise ValueError(f"num_patches_list sums to {sum(num_patches_list)} but pixel_values has {pixel_values.shape[0]} tiles")
-        history = [] if history is None else list(history)
-        prompt = render_conversation(history + [(question, None)], self.system_message)
-        for n in num_patches_list:
-            tokens = IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (self.config.tokens_per_tile * n) + IMG_END_TOKEN
-            prompt = prompt.replace(IMAGE_PLACEHOLDER, tokens, 1)
         if len(num_patches_list) > 1 and return_masks:
             raise ValueError("masks need one image per conversation")
-        responses, masks = self._chat_generate(tokenizer, [prompt], pixel_values, generation_config, tile_grids, verbose)
+        history = [] if history is None else list(history)
+        if not history and pixel_values is not None and IMAGE_PLACEHOLDER not in question:
+            question = IMAGE_PLACEHOLDER + "\n" + question  # as InternVL: the image goes into the first turn
+        processor = self.text_processor(tokenizer)
+        tiles = [list(num_patches_list)] if pixel_values is not None else None
+        batch = processor(text=[question], history=[history], num_tiles=tiles, padding_side="left")
+        responses, masks = self._chat_generate(processor, batch, pixel_values, generation_config, tile_grids,
+                                               verbose, return_masks)
         history.append((question, responses[0]))
         out = (responses[0], history) if return_history else (responses[0],)
         if return_masks:
             out = out + (masks[0],)
         return out[0] if len(out) == 1 else out
 
-    def _chat_generate(self, tokenizer, prompts, pixel_values, generation_config, tile_grids, verbose):
-        padding_side = tokenizer.padding_side
-        tokenizer.padding_side = "left"  # generation continues every row from its last column
-        try:
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        finally:
-            tokenizer.padding_side = padding_side
+    def _generation_settings(self, processor, generation_config: dict | None) -> dict:
         config = dict(generation_config or {})
-        config.setdefault("eos_token_id", self._eos_token_id(tokenizer))
-        config.setdefault("pad_token_id", tokenizer.pad_token_id)
+        config.setdefault("eos_token_id", processor.end_of_turn_id)
+        config.setdefault("pad_token_id", processor.tokenizer.pad_token_id)
+        return config
+
+    def _chat_generate(self, processor, batch, pixel_values, generation_config, tile_grids, verbose, return_masks):
+        config = self._generation_settings(processor, generation_config)
+        ids, attention = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         image_outputs = self._image_outputs(pixel_values) if pixel_values is not None else None
-        sequences, states = self._generate_with_states(enc["input_ids"], enc["attention_mask"], image_outputs, config)
-        new_tokens = sequences[:, enc["input_ids"].shape[1] :]
-        seg_id, rej_id = self.config.seg_token_id, self.config.rej_token_id
-        drop = set(tokenizer.all_special_ids) - {seg_id, rej_id}
-        responses = []
-        for row in new_tokens.tolist():
-            row = row[: row.index(config["eos_token_id"])] if config["eos_token_id"] in row else row
-            text = tokenizer.decode([t for t in row if t not in drop], skip_special_tokens=False).strip()
-            responses.append(text)
-            if verbose:
+        sequences, states = self._generate_with_states(ids, attention, image_outputs, config)
+        new_tokens = sequences[:, ids.shape[1] :]
+        responses = [processor.decode_answer(row) for row in new_tokens.tolist()]
+        if verbose:
+            for text in responses:
                 print(text)
         masks = None
-        if image_outputs is not None and bool((new_tokens == seg_id).any()):
-            masks = self._masks_from_states(sequences, states, image_outputs, tile_grids, enc["attention_mask"],
-                                            config["eos_token_id"])
-        elif image_outputs is not None:
-            size = self.config.image_size if self.config.mask_head == "dsff" else self.mask_decoder.output_grid
-            masks = [states.new_zeros(0, size, size) for _ in prompts]
+        if return_masks and image_outputs is not None:
+            if bool((new_tokens == self.config.seg_token_id).any()):
+                masks = self._masks_from_states(sequences, states, image_outputs, tile_grids, attention,
+                                                config["eos_token_id"])
+            else:
+                size = self.mask_decoder.output_grid
+                masks = [states.new_zeros(0, size, size) for _ in responses]
         return responses, masks
 
     # -- segment --------------------------------------------------------------------------------------------------
@@ -330,92 +311,38 @@ class MLLMSegInferenceMixin:
         results = []
         for start in range(0, len(image_list), batch_size):
             chunk = slice(start, start + batch_size)
-            run = self._segment_fast if mode == "fast" else self._segment_generate
-            results.extend(run(processor, image_list[chunk], expr_lists[chunk], tiling, threshold, return_rle,
-                               dict(generation_config or {}, max_new_tokens=max_new_tokens)))
+            if mode == "fast":
+                results.extend(self._segment_fast(processor, image_list[chunk], expr_lists[chunk], tiling, threshold,
+                                                  return_rle))
+            else:
+                results.extend(self._segment_generate(processor, image_list[chunk], expr_lists[chunk], tiling,
+                                                      threshold, return_rle,
+                                                      dict(generation_config or {}, max_new_tokens=max_new_tokens)))
         return results[0] if single else results
 
-    def _segment_fast(self, processor, images, expr_lists, tiling, threshold, return_rle, _generation_config):
-        prompts = [evaluation_prompt(exprs) for exprs in expr_lists]
+    def _segment_fast(self, processor, images, expr_lists, tiling, threshold, return_rle):
+        prompts = [processor.segmentation_prompt(exprs) for exprs in expr_lists]
         batch = processor(images=images, text=[q for q, _ in prompts], answers=[a for _, a in prompts], tiling=tiling)
         inputs = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "tile_grids")}
         out = self(**inputs, pixel_values=batch["pixel_values"].to(self.device, self.dtype))
-        ids = inputs["input_ids"]
-        seg_b, seg_p = (ids == self.config.seg_token_id).nonzero(as_tuple=True)
-        slot_logits = out.logits[seg_b, seg_p - 1].float()
-        rejected_all = slot_logits.argmax(-1) == self.config.rej_token_id  # the reference's argmax rule
-        two = slot_logits[:, [self.config.seg_token_id, self.config.rej_token_id]].softmax(-1)[:, 0]
-        results, cursor = [], 0
-        for b, exprs in enumerate(expr_lists):
-            n = len(exprs)
-            rejected, seg_probs = rejected_all[cursor : cursor + n].cpu(), two[cursor : cursor + n].cpu()
-            cursor += n
-            text = self._teacher_forced_answer(processor, ids[b], seg_p[seg_b == b], rejected)
-            results.append(self._result(processor, exprs, out.pred_masks[b], batch["original_sizes"][b], rejected,
-                                        seg_probs, text, threshold, return_rle))
-        return results
-
-    def _teacher_forced_answer(self, processor, ids, seg_positions, rejected) -> str:
-        ids = ids.clone()
-        ids[seg_positions[rejected.to(ids.device)]] = self.config.rej_token_id
-        start = int((ids == self.config.image_token_id).nonzero().max()) if (ids == self.config.image_token_id).any() else 0
-        text = processor.decode_answer(ids[start:].tolist())
-        marker = "assistant\n"
-        return text.rsplit(marker, 1)[-1].strip() if marker in text else text
+        return processor.post_process_segmentation(
+            out, target_sizes=batch["original_sizes"], expressions=expr_lists, input_ids=inputs["input_ids"],
+            threshold=threshold, return_rle=return_rle,
+        )
 
     def _segment_generate(self, processor, images, expr_lists, tiling, threshold, return_rle, generation_config):
-        questions = [evaluation_prompt(exprs)[0] for exprs in expr_lists]
-        batch = processor(images=images, text=questions, tiling=tiling)
-        tokenizer = processor.tokenizer
-        input_ids, attention_mask = _left_padded(batch["input_ids"], batch["attention_mask"], tokenizer.pad_token_id)
-        enc = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
-        config = dict(generation_config)
-        config.setdefault("eos_token_id", self._eos_token_id(tokenizer))
-        config.setdefault("pad_token_id", tokenizer.pad_token_id)
+        questions = [processor.segmentation_prompt(exprs)[0] for exprs in expr_lists]
+        batch = processor(images=images, text=questions, tiling=tiling, padding_side="left")
+        ids, attention = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        config = self._generation_settings(processor, generation_config)
         config.setdefault("do_sample", False)
         image_outputs = self._image_outputs(batch["pixel_values"])
-        sequences, states = self._generate_with_states(enc["input_ids"], enc["attention_mask"], image_outputs, config)
+        sequences, states = self._generate_with_states(ids, attention, image_outputs, config)
         mask_logits = self._masks_from_states(sequences, states, image_outputs, batch["tile_grids"].to(self.device),
-                                              enc["attention_mask"], config["eos_token_id"])
-        new = sequences[:, enc["input_ids"].shape[1] :]
-        results = []
-        for b, exprs in enumerate(expr_lists):
-            row = new[b].tolist()
-            eos = config["eos_token_id"]
-            row = row[: row.index(eos)] if eos in row else row
-            slots = [t for t in row if t in (self.config.seg_token_id, self.config.rej_token_id)]
-            # One mask per generated [SEG]; slots map to expressions in order (extra slots are dropped, missing
-            # ones count as rejected).
-            rejected = torch.ones(len(exprs), dtype=torch.bool)
-            logits = mask_logits[b]
-            out_logits = logits.new_zeros(len(exprs), *logits.shape[-2:])
-            seg_index = 0
-            for e, token in enumerate(slots[: len(exprs)]):
-                if token == self.config.seg_token_id:
-                    rejected[e] = False
-                    out_logits[e] = logits[seg_index]
-                    seg_index += 1
-            seg_probs = (~rejected).float()
-            results.append(self._result(processor, exprs, out_logits, batch["original_sizes"][b], rejected, seg_probs,
-                                        processor.decode_answer(row), threshold, return_rle))
-        return results
-
-    @staticmethod
-    def _result(processor, exprs, mask_logits, original_size, rejected, seg_probs, text, threshold, return_rle):
-        probs, masks = processor.post_process_masks(mask_logits.cpu(), original_size, threshold)
-        masks = masks & ~rejected[:, None, None]
-        area = masks.flatten(1).sum(1)
-        scores = torch.where(area > 0, (probs * masks).flatten(1).sum(1) / area.clamp(min=1), torch.zeros_like(area, dtype=probs.dtype))
-        return SegmentationResult(
-            expressions=list(exprs),
-            masks=masks,
-            boxes=processor.masks_to_boxes(masks),
-            scores=scores,
-            seg_probs=seg_probs,
-            rejected=rejected,
-            text=text,
-            probabilities=probs,
-            rle=processor.masks_to_rle(masks) if return_rle else None,
+                                              attention, config["eos_token_id"])
+        return processor.post_process_generation(
+            sequences[:, ids.shape[1] :], mask_logits, target_sizes=batch["original_sizes"], expressions=expr_lists,
+            threshold=threshold, return_rle=return_rle,
         )
 
 

@@ -185,9 +185,31 @@ class DSFFMaskDecoder(nn.Module):
         for module in self.modules():
             module._reference_init = True
 
+    # -- the mask-head interface the model uses (shared with SELF1EMaskHead) ---------------------------------------
+    dual_pass = False  # masks come from the causal pass's states; no second LLM pass
+
+    @property
+    def output_grid(self) -> int:
+        """Mask logits per tile are `output_grid x output_grid`: the tile size S (G * patch)."""
+        return self.vision_grid * self.patch_size
+
+    def tile_inputs(self, model, input_ids, hidden, image_outputs) -> tuple[torch.Tensor, ...]:
+        """Per-tile inputs, in tile order: `T_img^1` (the ViT's last layer, CLS dropped) `[N, G*G, D]` and `T_img^2`
+        (the LLM states preceding each `<IMG_CONTEXT>`) `[N, g*g, T]`."""
+        grid = self.vision_grid
+        return image_outputs.last_hidden_state[:, -grid * grid :], model.llm_image_states(input_ids, hidden)
+
+    def fuse_tiles(self, *tile_inputs) -> tuple[torch.Tensor, ...]:
+        """`fuse_image` as a tuple of per-tile tensors (row-indexable like every head's)."""
+        return (self.fuse_image(*tile_inputs),)
+
+    def decode_masks(self, fused: tuple[torch.Tensor, ...], seg_embeddings) -> tuple[torch.Tensor, None]:
+        """`(mask logits [M, S, S], None)`: DSFF has no auxiliary low-resolution output."""
+        return self.decode(fused[0], seg_embeddings), None
+
     def fuse_image(self, vit_features: torch.Tensor, llm_image_states: torch.Tensor) -> torch.Tensor:
         """`[N, G*G, D]`, `[N, g*g, T]` -> `T_ds^0` after `ca_layer_vl`'s self-attention, `[N, G*G, D]`."""
-        n, big, small = vit_features.shape[0], self.vision_grid, self.llm_grid
+        n, small = vit_features.shape[0], self.llm_grid
         llm = self.img_llm_down(llm_image_states.to(self.img_llm_down.weight.dtype))  # [N, g*g, D]
         vit = vit_features.to(llm.dtype)
         v2l = self.ca_layer_v2l(vit, llm)  # detail queries attend to semantic tokens

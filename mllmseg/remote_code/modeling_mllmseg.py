@@ -63,12 +63,41 @@ class MLLMSegCausalLMOutputWithPast(CausalLMOutputWithPast):
         decoder, R = 2G (64 at 448 px) for the SELF1E head).
     image_hidden_states (`torch.FloatTensor` of shape `(N, g*g, T)`, *optional*): projected image features of this
         call's tiles (None on cached decoding steps and text-only calls).
+    seg_logits (`torch.FloatTensor` of shape `(M, vocab)`, *optional*): the logits that predict each `[SEG]` token
+        of `input_ids` (at the position before it), in order; the processor's `post_process_segmentation` decides
+        `[SEG]` against `[REJ]` from them (teacher-forced evaluation).
+    seg_sample (`torch.LongTensor` of shape `(M,)`, *optional*): the sample of each of those `[SEG]` tokens.
     """
 
     lm_loss: torch.FloatTensor | None = None
     mask_loss: torch.FloatTensor | None = None
     pred_masks: list[torch.FloatTensor] | None = None
     image_hidden_states: torch.FloatTensor | None = None
+    seg_logits: torch.FloatTensor | None = None
+    seg_sample: torch.LongTensor | None = None
+
+
+def build_mask_head(config: MLLMSegConfig) -> nn.Module:
+    """The mask head `config.mask_head` names, the one place that reads it. Both heads share one interface:
+    `output_grid`, `dual_pass` (masks need a second LLM pass), `tile_inputs(model, input_ids, hidden,
+    image_outputs)`, `fuse_tiles(*tile_inputs) -> tuple` (once per tile) and `decode_masks(fused_rows, seg) ->
+    (logits, low-resolution logits or None)`."""
+    if config.mask_head == "self1e":
+        return SELF1EMaskHead(
+            text_dim=config.text_config.hidden_size,
+            vision_grid=config.vision_grid,
+            shuffle_ratio=int(round(1 / config.downsample_ratio)),
+        )
+    return DSFFMaskDecoder(
+        vision_dim=config.vision_config.hidden_size,
+        text_dim=config.text_config.hidden_size,
+        vision_grid=config.vision_grid,
+        patch_size=config.patch_size,
+        num_heads=config.decoder_num_heads,
+        ffn_dim=config.decoder_ffn_dim,
+        dropout=config.decoder_dropout,
+        upsampler_groups=config.upsampler_groups,
+    )
 
 
 class MLLMSegPreTrainedModel(PreTrainedModel):
@@ -128,24 +157,8 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
         self.model = InternVLModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         # The mask head sits at `mask_decoder` whichever it is, so LoRA's modules_to_save, parameter counts and
-        # checkpoints treat both heads alike.
-        if config.mask_head == "self1e":
-            self.mask_decoder = SELF1EMaskHead(
-                text_dim=config.text_config.hidden_size,
-                vision_grid=config.vision_grid,
-                shuffle_ratio=int(round(1 / config.downsample_ratio)),
-            )
-        else:
-            self.mask_decoder = DSFFMaskDecoder(
-                vision_dim=config.vision_config.hidden_size,
-                text_dim=config.text_config.hidden_size,
-                vision_grid=config.vision_grid,
-                patch_size=config.patch_size,
-                num_heads=config.decoder_num_heads,
-                ffn_dim=config.decoder_ffn_dim,
-                dropout=config.decoder_dropout,
-                upsampler_groups=config.upsampler_groups,
-            )
+        # checkpoints treat both heads alike; it is chosen once, here, and used through one interface.
+        self.mask_decoder = build_mask_head(config)
         self.post_init()
 
     @classmethod
@@ -155,7 +168,7 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
             kwargs["attn_implementation"] = preferred_attn_implementation(kwargs.get("dtype"))
         model = super().from_pretrained(*args, **kwargs)
         loaded = model[0] if isinstance(model, tuple) else model  # output_loading_info=True gives a tuple
-        if loaded.config.mask_head == "self1e" and loaded.llm_attn_implementation() not in DUAL_MASK_ATTENTION:
+        if loaded.mask_decoder.dual_pass and loaded.llm_attn_implementation() not in DUAL_MASK_ATTENTION:
             if not chosen:
                 loaded.check_dual_mask_attention()
             loaded.set_attn_implementation("sdpa")  # we picked flash-attention: SELF1E needs a 4D mask
@@ -246,16 +259,8 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
         return self.model.multi_modal_projector(vit.repeat(1, 1, repeat))
 
     def mask_head_inputs(self, input_ids: torch.LongTensor, hidden: torch.Tensor, image_outputs) -> tuple[torch.Tensor, ...]:
-        """Per-tile inputs of the mask head, in tile order: DSFF `(T_img^1, T_img^2)`; SELF1E (LLM image states,
-        compressed tokens that went into the LLM, uncompressed tokens)."""
-        if self.config.mask_head == "self1e":
-            return (
-                self.image_token_states(input_ids, hidden),
-                image_outputs.pooler_output,
-                self.uncompressed_image_tokens(image_outputs),
-            )
-        grid = self.config.vision_grid
-        return image_outputs.last_hidden_state[:, -grid * grid :], self.llm_image_states(input_ids, hidden)
+        """Per-tile inputs of the mask head, in tile order (see the head's `tile_inputs`)."""
+        return self.mask_decoder.tile_inputs(self, input_ids, hidden, image_outputs)
 
     def dual_perception_mask(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, dtype: torch.dtype
@@ -352,7 +357,7 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
         starts = torch.cumsum(tiles, 0) - tiles
         seg_counts = torch.bincount(seg_sample, minlength=batch).tolist()
         if len(seg_sample) == 0:
-            res = self.config.image_size if self.config.mask_head == "dsff" else self.mask_decoder.output_grid
+            res = self.mask_decoder.output_grid
             return [seg_embeddings.new_zeros(0, r * res, c * res) for r, c in grids], None
 
         # Tiles that some [SEG] needs, fused once each.
@@ -361,7 +366,7 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
             int(starts[b]) + t for b in range(batch) if seg_counts[b] for t in range(grids[b][0] * grids[b][1])
         ]
         needed_t = torch.tensor(needed, device=device, dtype=torch.long)
-        fused = self.mask_decoder.fuse_image(*(x[needed_t] for x in tile_inputs))
+        fused = self.mask_decoder.fuse_tiles(*(x[needed_t] for x in tile_inputs))
         row_of_tile = {tile: i for i, tile in enumerate(needed)}
 
         rows_tile, rows_seg = [], []
@@ -370,13 +375,10 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
                 rows_tile.append(row_of_tile[int(starts[b]) + t])
                 rows_seg.append(s)
         rows_tile = torch.tensor(rows_tile, device=device)
-        fused_rows = tuple(f[rows_tile] for f in fused) if isinstance(fused, tuple) else fused[rows_tile]
-        logits = self.mask_decoder.decode(fused_rows, seg_embeddings[torch.tensor(rows_seg, device=device)])
-        # DSFF: (sum over [SEG] of tiles, S, S); SELF1E: (that, 2G, 2G) and low-res (that, G, G)
-        if isinstance(logits, tuple):
-            logits, low = logits
-            return self._stitch(logits, grids, seg_counts), self._stitch(low, grids, seg_counts)
-        return self._stitch(logits, grids, seg_counts), None
+        fused_rows = tuple(f[rows_tile] for f in fused)
+        logits, low = self.mask_decoder.decode_masks(fused_rows, seg_embeddings[torch.tensor(rows_seg, device=device)])
+        # (sum over [SEG] of tiles, R, R); SELF1E also low-res (that, G, G)
+        return self._stitch(logits, grids, seg_counts), None if low is None else self._stitch(low, grids, seg_counts)
 
     @staticmethod
     def _stitch(logits: torch.Tensor, grids: list[tuple[int, int]], seg_counts: list[int]) -> list[torch.Tensor]:
@@ -469,39 +471,20 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
         Masks are predicted when the sequence holds both the image and `[SEG]` tokens (a full forward, not a cached
         generation step).
         """
-        if input_ids is None and inputs_embeds is None:
-            raise ValueError("pass input_ids (or inputs_embeds)")
         cache = pop_cache(kwargs, past_key_values)
         first_step = cache is None or cache.get_seq_length() == 0
-        image_outputs = (mm_encoder_outputs or {}).get("image")
-        has_image_tokens = input_ids is not None and bool((input_ids == self.config.image_token_id).any())
-        if has_image_tokens and pixel_values is None and image_outputs is None:
-            raise ValueError(
-                "input_ids contain <IMG_CONTEXT> image tokens but no pixel_values were given; pass the processor's "
-                "pixel_values (or remove the image tokens)"
-            )
-        if pixel_values is not None and image_outputs is None:
-            image_outputs = self.get_image_features(pixel_values, return_dict=True)
-        if image_outputs is not None and input_ids is not None:
-            tiles = self.tiles_per_sample(input_ids)
-            n_tiles = image_outputs.pooler_output.shape[0]
-            if int(tiles.sum()) != n_tiles:
-                raise ValueError(
-                    f"image tokens and tiles disagree: the text holds {int(tiles.sum())} tiles' worth of <IMG_CONTEXT> "
-                    f"tokens ({tiles.tolist()} per sample) but pixel_values has {n_tiles} tiles"
-                )
-
+        # 1. Inputs and image features.
+        image_outputs, tiles = self._image_inputs(input_ids, inputs_embeds, pixel_values, mm_encoder_outputs)
         has_seg = input_ids is not None and bool((input_ids == self.config.seg_token_id).any())
+        self._check_mask_inputs(has_seg, image_outputs, first_step, masks)
         dual_pass = (
-            self.config.mask_head == "self1e"
-            and has_seg
-            and has_image_tokens
-            and first_step
+            self.mask_decoder.dual_pass and has_seg and image_outputs is not None and first_step
             and (attention_mask is None or attention_mask.dim() == 2)
         )
         if dual_pass:
             self.check_dual_mask_attention()  # before any pass, so the error names the real problem
 
+        # 2. The LLM pass (causal) and the next-token logits.
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -515,25 +498,75 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
         hidden = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, slice_indices, :])
+        seg_logits = seg_sample = None
+        if has_seg and logits.shape[1] == input_ids.shape[1]:
+            seg_sample, seg_pos = (input_ids == self.config.seg_token_id).nonzero(as_tuple=True)
+            seg_logits = logits[seg_sample, (seg_pos - 1).clamp(min=0)]
 
+        # 3. Masks, one per [SEG] (SELF1E: from a second pass with the dual-perception mask).
         pred_masks = low_res_masks = None
         if has_seg and image_outputs is not None:
-            # SELF1E: the logits above come from this causal pass; the masks from a second pass with the
-            # dual-perception mask (see `dual_perception_states`).
             mask_states = (
                 self.dual_perception_states(input_ids, attention_mask, position_ids, image_outputs)
                 if dual_pass
                 else hidden
             )
-            seg_emb, seg_sample = self.seg_embeddings(input_ids, mask_states)
+            seg_emb, seg_owner = self.seg_embeddings(input_ids, mask_states)
             pred_masks, low_res_masks = self._predict_masks(
-                self.mask_head_inputs(input_ids, mask_states, image_outputs), seg_emb, seg_sample, tiles, tile_grids
+                self.mask_head_inputs(input_ids, mask_states, image_outputs), seg_emb, seg_owner, tiles, tile_grids
             )
-        elif has_seg and not has_image_tokens and first_step:
+
+        # 4. Losses.
+        loss, lm_loss, mask_loss = self._losses(logits, labels, pred_masks, masks, low_res_masks, hidden, **kwargs)
+
+        return MLLMSegCausalLMOutputWithPast(
+            loss=loss,
+            lm_loss=lm_loss,
+            mask_loss=mask_loss,
+            logits=logits,
+            pred_masks=pred_masks,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=None if image_outputs is None else image_outputs.pooler_output,
+            seg_logits=seg_logits,
+            seg_sample=seg_sample,
+            **cache_kwargs(output_cache(outputs)),
+        )
+
+    def _image_inputs(self, input_ids, inputs_embeds, pixel_values, mm_encoder_outputs):
+        """Checked inputs -> (image features or None, tiles per sample or None). Features come from
+        `mm_encoder_outputs` (as `generate()` passes them) or are computed from `pixel_values`."""
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("pass input_ids (or inputs_embeds)")
+        image_outputs = (mm_encoder_outputs or {}).get("image")
+        has_image_tokens = input_ids is not None and bool((input_ids == self.config.image_token_id).any())
+        if has_image_tokens and pixel_values is None and image_outputs is None:
+            raise ValueError(
+                "input_ids contain <IMG_CONTEXT> image tokens but no pixel_values were given; pass the processor's "
+                "pixel_values (or remove the image tokens)"
+            )
+        if pixel_values is not None and image_outputs is None:
+            image_outputs = self.get_image_features(pixel_values, return_dict=True)
+        tiles = None
+        if image_outputs is not None and input_ids is not None:
+            tiles = self.tiles_per_sample(input_ids)
+            n_tiles = image_outputs.pooler_output.shape[0]
+            if int(tiles.sum()) != n_tiles:
+                raise ValueError(
+                    f"image tokens and tiles disagree: the text holds {int(tiles.sum())} tiles' worth of <IMG_CONTEXT> "
+                    f"tokens ({tiles.tolist()} per sample) but pixel_values has {n_tiles} tiles"
+                )
+        return image_outputs, tiles
+
+    @staticmethod
+    def _check_mask_inputs(has_seg: bool, image_outputs, first_step: bool, masks) -> None:
+        if has_seg and image_outputs is None and first_step:
             raise ValueError("the text has [SEG] tokens but no image to segment")
-        elif masks is not None and image_outputs is None:
+        if masks is not None and image_outputs is None:
             raise ValueError("masks were given but there is no image (pixel_values) to predict them from")
 
+    def _losses(self, logits, labels, pred_masks, masks, low_res_masks, hidden, **kwargs):
+        """(loss, lm_loss, mask_loss): `lm_loss_weight * CE` over `labels` plus the mask loss over `masks`."""
         loss = lm_loss = mask_loss = None
         if labels is not None:
             lm_loss = self.loss_function(
@@ -545,18 +578,6 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
                 pred_masks = [hidden.new_zeros(0, 1, 1) for _ in range(hidden.shape[0])]
             mask_loss = self.mask_loss(pred_masks, masks, low_res_masks if self.training else None)
             loss = mask_loss if loss is None else loss + mask_loss
-
-        return MLLMSegCausalLMOutputWithPast(
-            loss=loss,
-            lm_loss=lm_loss,
-            mask_loss=mask_loss,
-            logits=logits,
-            pred_masks=pred_masks,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=None if image_outputs is None else image_outputs.pooler_output,
-            **cache_kwargs(output_cache(outputs)),
-        )
-
+        return loss, lm_loss, mask_loss
 
 __all__ = ["MLLMSegPreTrainedModel", "MLLMSegForConditionalGeneration", "MLLMSegCausalLMOutputWithPast"]

@@ -8,32 +8,90 @@ in this folder.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .configuration_mllmseg import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, REJ_TOKEN, SEG_TOKEN
-from .conversation_mllmseg import IMAGE_PLACEHOLDER, INTERNVL_SYSTEM_MESSAGE, render_conversation
+from .configuration_mllmseg import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, token_id_fields
+from .conversation_mllmseg import (
+    IMAGE_PLACEHOLDER,
+    INTERNVL_SYSTEM_MESSAGE,
+    evaluation_prompt,
+    expand_image_placeholders,
+    is_marked,
+    mark_user_text,
+    placeholders_outside_user_text,
+    render_conversation,
+    unmark,
+)
 
 IGNORE_INDEX = -100
+
+
+@dataclass
+class SegmentationResult:
+    """What `segment` / `post_process_segmentation` return for one image.
+
+    Attributes:
+        expressions: the expressions, in order.
+        masks: `(E, h, w)` bool, at the original image size (all False where rejected).
+        boxes: `(E, 4)` float xyxy, inclusive pixel indices ([0, 0, 0, 0] for an empty mask).
+        scores: `(E,)` mask confidence: mean probability over the mask's pixels (0 for an empty mask).
+        seg_probs: `(E,)` probability of `[SEG]` against `[REJ]` at the expression's slot.
+        rejected: `(E,)` bool, the model answered `[REJ]` (no such object).
+        text: the answer text (teacher-forced in `fast` mode, generated in `generate` mode).
+        probabilities: `(E, h, w)` mask probabilities.
+        rle: COCO RLE per mask, when asked for.
+    """
+
+    expressions: list[str]
+    masks: torch.Tensor
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    seg_probs: torch.Tensor
+    rejected: torch.Tensor
+    text: str
+    probabilities: torch.Tensor | None = None
+    rle: list[dict] | None = field(default=None)
+END_OF_TURN = "<|im_end|>"
+# Version of the prompt settings a processor saves; checkpoints saved without it predate the BOS rule below.
+PROMPT_FORMAT = 2
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS before a text by default (InternLM2: `<s>`; Qwen2: no BOS). The reference
+    tokenizes its chat prompts that way (and prefixes the BOS in training), so a prompt starts with a BOS exactly
+    for these tokenizers."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
 
 
 class MLLMSegProcessor(ProcessorMixin):
     r"""
     Wraps an [`MLLMSegImageProcessor`] (InternVL tiling, no torchvision) and a tokenizer holding the image tokens,
-    `[SEG]` and `[REJ]`.
+    `[SEG]` and `[REJ]`. It owns all text: the InternVL2.5 chat format, the system message, the BOS, `<image>`
+    expansion, padding, escaping of user text, and decoding.
 
     Text uses `<image>` placeholders; each one is expanded to `<img>` + `<IMG_CONTEXT>` x `tokens_per_tile` per tile
-    + `</img>`. [`render`] builds the InternVL2.5 chat format around questions and answers.
+    + `</img>`. **User text is escaped**: a question, a history question or an expression is tokenized as plain
+    text, so `[SEG]`, `<|im_end|>` or `<IMG_CONTEXT>` typed by a user are ordinary characters, never control tokens
+    (prompts without such text tokenize exactly as the reference's). Answers are trusted (their `[SEG]` / `[REJ]`
+    are the targets), except expressions marked inside them by [`segmentation_prompt`] / `training_prompt`.
 
     Args:
         image_processor: the image processor.
         tokenizer: the tokenizer.
         tokens_per_tile (`int`, defaults to 256): `<IMG_CONTEXT>` tokens per tile (the model's `tokens_per_tile`).
         system_message (`str`, *optional*): the system turn; defaults to InternVL2.5's (the released weights saw it).
-            Pass "" for none.
-        bos_token_in_prompt (`bool`, defaults to False): start prompts with the BOS token (InternLM2 backbones).
+            Pass "" for none. Saved with the processor: `chat`, `segment`, training and evaluation all use it.
+        bos_token_in_prompt (`bool`, *optional*): start prompts with the BOS token; default: exactly when the
+            tokenizer adds one by default (InternLM2 backbones yes, Qwen2 no), as the reference tokenizes.
     """
 
     def __init__(
@@ -42,38 +100,150 @@ class MLLMSegProcessor(ProcessorMixin):
         tokenizer=None,
         tokens_per_tile: int = 256,
         system_message: str | None = None,
-        bos_token_in_prompt: bool = False,
+        bos_token_in_prompt: bool | None = None,
         chat_template=None,
+        prompt_format: int | None = None,
         **kwargs,
     ):
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self.tokens_per_tile = tokens_per_tile
         self.system_message = INTERNVL_SYSTEM_MESSAGE if system_message is None else system_message
-        self.bos_token_in_prompt = bos_token_in_prompt
+        self.bos_token_in_prompt = tokenizer_adds_bos(tokenizer) if bos_token_in_prompt is None else bool(bos_token_in_prompt)
+        self.prompt_format = PROMPT_FORMAT
+        ids = token_id_fields(tokenizer)
+        self.seg_token_id, self.rej_token_id = ids["seg_token_id"], ids["rej_token_id"]
         vocab = tokenizer.get_vocab()
-        missing = [t for t in (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, SEG_TOKEN, REJ_TOKEN) if t not in vocab]
-        if missing:
-            raise ValueError(f"the tokenizer lacks MLLMSeg's tokens {missing}; add them (mllmseg.base_checkpoint)")
-        self.seg_token_id = vocab[SEG_TOKEN]
-        self.rej_token_id = vocab[REJ_TOKEN]
+        self.end_of_turn_id = vocab.get(END_OF_TURN, tokenizer.eos_token_id)
+        # Every added token (special or not): user text must never produce one.
+        self._control_ids = frozenset(int(i) for i in tokenizer.added_tokens_decoder)
+        self._control_text = {int(i): str(t) for i, t in tokenizer.added_tokens_decoder.items()}
+        self._control_strings = tuple(self._control_text.values())
+        first = tokenizer("a", add_special_tokens=False)["input_ids"][:1]
+        self._prefixes_space = bool(first) and str(tokenizer.convert_ids_to_tokens(first[0])).startswith("\u2581")
+
+    @classmethod
+    def from_args_and_dict(cls, args, processor_dict: dict, **kwargs):
+        """Loading a saved processor. A `processor_config.json` without `prompt_format` was written before the BOS
+        rule, when every save said `bos_token_in_prompt: false` (InternLM2 backbones included, where the reference
+        prompts start with `<s>`): such a file's BOS setting is ignored and the tokenizer's family decides."""
+        if "prompt_format" not in processor_dict:
+            processor_dict = {k: v for k, v in processor_dict.items() if k != "bos_token_in_prompt"}
+        return super().from_args_and_dict(args, processor_dict, **kwargs)
+
+    @classmethod
+    def for_model_config(cls, tokenizer, config, system_message: str | None = None,
+                         bos_token_in_prompt: bool | None = None) -> "MLLMSegProcessor":
+        """The processor matching a model config: tile size, tiling mode, tile budget and image tokens per tile
+        from the config (any backbone); text settings as in [`MLLMSegProcessor`]."""
+        from .image_processing_mllmseg import MLLMSegImageProcessor
+
+        image_processor = MLLMSegImageProcessor(
+            tile_size=config.image_size, tiling=config.seg_tiling, max_tiles=config.max_dynamic_tiles
+        )
+        return cls(image_processor=image_processor, tokenizer=tokenizer, tokens_per_tile=config.tokens_per_tile,
+                   system_message=system_message, bos_token_in_prompt=bos_token_in_prompt)
 
     # -- text -----------------------------------------------------------------------------------------------------
+    def image_tokens(self, num_tiles: int) -> str:
+        return IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (self.tokens_per_tile * int(num_tiles)) + IMG_END_TOKEN
+
     def expand_image_placeholders(self, text: str, num_tiles: list[int]) -> str:
-        """Replace the i-th `<image>` by `<img>` + `<IMG_CONTEXT>` x (tokens_per_tile * num_tiles[i]) + `</img>`."""
-        pieces = text.split(IMAGE_PLACEHOLDER)
-        if len(pieces) - 1 != len(num_tiles):
-            raise ValueError(f"the text has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders for {len(num_tiles)} images")
-        out = [pieces[0]]
-        for n, piece in zip(num_tiles, pieces[1:]):
-            out.append(IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (self.tokens_per_tile * int(n)) + IMG_END_TOKEN + piece)
-        return "".join(out)
+        """Replace the i-th `<image>` (outside escaped user text) by `<img>` + `<IMG_CONTEXT>` x
+        (tokens_per_tile * num_tiles[i]) + `</img>`."""
+        return expand_image_placeholders(text, [self.image_tokens(n) for n in num_tiles])
+
+    @staticmethod
+    def segmentation_prompt(expressions: list[str], no_target: list[bool] | None = None) -> tuple[str, str]:
+        """The reference evaluation conversation (question, answer) over `expressions`, each escaped as user text;
+        `[REJ]` in the slots of `no_target` expressions."""
+        return evaluation_prompt([mark_user_text(e) for e in expressions], no_target)
+
+    def _marked_conversation(self, question: str, answer: str | None, history, system_message: str | None) -> str:
+        """The conversation with user text marked for escaping (questions unless already marked)."""
+        def user(q):
+            return q if is_marked(q) else mark_user_text(q, keep_image_placeholders=True)
+
+        turns = [(user(q), a) for q, a in (history or [])] + [(user(question), answer)]
+        system = self.system_message if system_message is None else system_message
+        return render_conversation(turns, system)
 
     def render(self, question: str, answer: str | None = None, history: list[tuple[str, str]] | None = None,
                system_message: str | None = None) -> str:
-        """InternVL2.5 chat text for one conversation (`answer=None` leaves it open for generation)."""
+        """InternVL2.5 chat text for one conversation (`answer=None` leaves it open for generation), BOS included
+        where the tokenizer family has one. For display and tests: tokenizing it again does not escape user text;
+        the processor's own calls do."""
         bos = (self.tokenizer.bos_token or "") if self.bos_token_in_prompt else ""
-        system = self.system_message if system_message is None else system_message
-        return render_conversation(list(history or []) + [(question, answer)], system, bos=bos)
+        return bos + unmark(self._marked_conversation(question, answer, history, system_message))[0]
+
+    def encode_text(self, marked: str) -> list[int]:
+        """Token ids of a prompt whose user text is marked: BOS where the family has one, the rest as the tokenizer
+        splits it, except that no control token comes out of user text (those spans are tokenized as plain text)."""
+        text, spans = unmark(marked)
+        fast = bool(getattr(self.tokenizer, "is_fast", False))
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast and bool(spans))
+        ids = list(enc["input_ids"])
+        if spans:
+            if fast:
+                ids = self._escape_user_spans(text, ids, enc["offset_mapping"], spans)
+            elif any(t in text[a:b] for a, b in spans for t in self._control_strings):
+                raise ValueError(
+                    f"user text {text[spans[0][0]:spans[0][1]]!r} contains a special token's text, which only a fast "
+                    "tokenizer can keep as plain text; use a fast tokenizer"
+                )
+        if self.bos_token_in_prompt and self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id] + ids
+        return ids
+
+    def _escape_user_spans(self, text, ids, offsets, spans) -> list[int]:
+        out = []
+        for token, (start, end) in zip(ids, offsets):
+            # An added token matched in the text (not, say, `<unk>` standing for an unknown character).
+            matched = token in self._control_ids and self._control_text[token] in text[start:end]
+            if matched and any(start < b and a < end for a, b in spans):
+                out.extend(self._plain_ids(text[start:end]))
+            else:
+                out.append(token)
+        return out
+
+    def _plain_ids(self, piece: str) -> list[int]:
+        """Ids of `piece` as plain text (no added token matched in it), as it would tokenize inside a text."""
+        if self._prefixes_space:
+            # Sentencepiece-style tokenizers (InternLM2) put a space before a text of their own; the piece sits inside
+            # a text, so tokenize it after a newline and keep only its own tokens.
+            enc = self.tokenizer("\n" + piece, add_special_tokens=False, split_special_tokens=True,
+                                 return_offsets_mapping=True)
+            ids = [i for i, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]) if end > 1]
+        else:
+            ids = self.tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if any(i in self._control_ids and self._control_text[i] in piece for i in ids):
+            # a non-special added token (split_special_tokens leaves those): tokenize character by character
+            ids = [i for ch in piece for i in self.tokenizer(ch, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
+        return ids
+
+    def pad(self, sequences: list[list[int]], padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """`input_ids` / `attention_mask` `(N, L)`, padded on `padding_side` ("left" for generation) with the
+        tokenizer's pad token; the tokenizer itself is not touched."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_of_turn_id
+        width = max((len(s) for s in sequences), default=0)
+        ids = torch.full((len(sequences), width), int(pad), dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            cols = slice(width - len(seq), width) if padding_side == "left" else slice(0, len(seq))
+            ids[i, cols] = torch.tensor(seq, dtype=torch.long)
+            mask[i, cols] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def _check_length(self, sequences: list[list[int]], max_length: int | None) -> None:
+        limit = max_length or getattr(self.tokenizer, "model_max_length", None)
+        if limit and limit < 10**9:
+            for i, seq in enumerate(sequences):
+                if len(seq) > limit:
+                    raise ValueError(
+                        f"conversation {i} is {len(seq)} tokens long, over the limit of {limit} "
+                        "(shorten the expressions or use fewer tiles)"
+                    )
 
     # -- main call ------------------------------------------------------------------------------------------------
     def __call__(
@@ -85,20 +255,29 @@ class MLLMSegProcessor(ProcessorMixin):
         max_tiles: int | None = None,
         system_message: str | None = None,
         max_length: int | None = None,
+        padding_side: str = "right",
+        history: list[list[tuple[str, str]]] | None = None,
+        num_tiles: list[list[int]] | None = None,
         **kwargs,
     ) -> BatchFeature:
-        """Tile the images and tokenize one conversation per image.
+        """Tile the images and tokenize one conversation per text.
 
         Args:
             images: one image or a list (PIL, array, tensor or path), one per text; or None for text only.
-            text: the user question(s), with an `<image>` placeholder (added in front when missing).
+            text: the user question(s), with an `<image>` placeholder (added in front when missing). Escaped: control
+                tokens typed in a question are plain text.
             answers (*optional*): assistant answers; then the conversations are closed and `labels` cover only the
                 answers (and their closing `<|im_end|>` + newline), -100 elsewhere.
             tiling: `"single"` or `"dynamic"` (defaults to the image processor's).
             max_length (*optional*): refuse longer sequences with a clear error rather than truncating them.
+            padding_side: `"right"` (training, fast mode) or `"left"` (generation).
+            history (*optional*): per text, earlier (question, answer) turns, rendered before it (chat).
+            num_tiles (*optional*): per text, the tile count of each of its `<image>` placeholders, for callers that
+                tile themselves (InternVL's `chat(pixel_values=...)`); with `images` it comes from the tiling.
 
         Returns a `BatchFeature` with `input_ids` `(N, L)`, `attention_mask` `(N, L)`, `labels` (with answers),
-        `pixel_values` `(tiles, 3, S, S)`, `num_tiles` `(N,)`, `tile_grids` `(N, 2)` and `original_sizes` `(N, 2)`.
+        and with images `pixel_values` `(tiles, 3, S, S)`, `num_tiles` `(N,)`, `tile_grids` `(N, 2)` and
+        `original_sizes` `(N, 2)`.
         """
         texts = [text] if isinstance(text, str) else list(text or [])
         answer_list = [answers] if isinstance(answers, str) else (list(answers) if answers is not None else None)
@@ -113,50 +292,136 @@ class MLLMSegProcessor(ProcessorMixin):
             if max_tiles is not None:
                 proc_kwargs["max_tiles"] = max_tiles
             image_features = dict(self.image_processor(list(image_list), **proc_kwargs))
+            num_tiles = [[int(n)] for n in image_features["num_tiles"]]
         if answer_list is not None and len(answer_list) != len(texts):
             raise ValueError(f"got {len(answer_list)} answers for {len(texts)} texts")
+        if history is not None and len(history) != len(texts):
+            raise ValueError(f"got {len(history)} histories for {len(texts)} texts")
 
         prompts, fulls = [], []
         for i, question in enumerate(texts):
-            if images is not None and IMAGE_PLACEHOLDER not in question:
-                question = IMAGE_PLACEHOLDER + "\n" + question
-            if images is not None:
-                question = self.expand_image_placeholders(question, [int(image_features["num_tiles"][i])])
-            prompts.append(self.render(question, None, system_message=system_message))
+            tiles = list(num_tiles[i]) if num_tiles is not None else []
+            marked_q = question if is_marked(question) else mark_user_text(question, keep_image_placeholders=True)
+            turns = history[i] if history is not None else None
+            if tiles and placeholders_outside_user_text(marked_q) + sum(
+                placeholders_outside_user_text(mark_user_text(q, True)) for q, _ in (turns or [])
+            ) == 0:
+                marked_q = IMAGE_PLACEHOLDER + "\n" + marked_q
+            prompt = self.expand_image_placeholders(self._marked_conversation(marked_q, None, turns, system_message), tiles)
+            prompts.append(self.encode_text(prompt))
             if answer_list is not None:
-                fulls.append(self.render(question, answer_list[i], system_message=system_message))
+                full = self._marked_conversation(marked_q, answer_list[i], turns, system_message)
+                fulls.append(self.encode_text(self.expand_image_placeholders(full, tiles)))
 
-        encoded = self._tokenize(fulls if answer_list is not None else prompts, max_length)
+        sequences = fulls if answer_list is not None else prompts
+        self._check_length(sequences, max_length)
+        encoded = self.pad(sequences, padding_side)
         if answer_list is not None:
             # Loss on the answer and its closing "<|im_end|>" + newline, the way InternVL2.5 preprocessing labels a turn.
             labels = encoded["input_ids"].clone()
-            for i, prompt in enumerate(prompts):
-                n_prompt = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-                labels[i, :n_prompt] = IGNORE_INDEX
+            for i, (prompt, full) in enumerate(zip(prompts, fulls)):
+                offset = labels.shape[1] - len(full) if padding_side == "left" else 0
+                labels[i, : offset + len(prompt)] = IGNORE_INDEX
             labels[encoded["attention_mask"] == 0] = IGNORE_INDEX
             encoded["labels"] = labels
         return BatchFeature({**encoded, **image_features})
 
-    def _tokenize(self, texts: list[str], max_length: int | None) -> dict:
-        encoded = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-        limit = max_length or getattr(self.tokenizer, "model_max_length", None)
-        if limit and limit < 10**9:
-            lengths = encoded["attention_mask"].sum(1)
-            if int(lengths.max()) > limit:
-                i = int(lengths.argmax())
-                raise ValueError(
-                    f"conversation {i} is {int(lengths[i])} tokens long, over the limit of {limit} "
-                    "(shorten the expressions or use fewer tiles)"
-                )
-        return dict(encoded)
-
     # -- outputs --------------------------------------------------------------------------------------------------
+    def trim_answer(self, token_ids) -> list[int]:
+        """Generated ids up to (not including) the first end-of-turn token."""
+        ids = [int(t) for t in token_ids]
+        return ids[: ids.index(self.end_of_turn_id)] if self.end_of_turn_id in ids else ids
+
     def decode_answer(self, token_ids) -> str:
-        """Decode generated ids, keeping `[SEG]` / `[REJ]` but dropping the other special tokens."""
+        """Decode generated ids up to the end of the turn, keeping `[SEG]` / `[REJ]` but dropping the other
+        special and added tokens (padding, image tokens)."""
         keep = {self.seg_token_id, self.rej_token_id}
-        drop = set(self.tokenizer.all_special_ids) - keep
-        ids = [int(t) for t in token_ids if int(t) not in drop]
+        drop = (set(self.tokenizer.all_special_ids) | self._control_ids) - keep
+        ids = [t for t in self.trim_answer(token_ids) if t not in drop]
         return self.tokenizer.decode(ids, skip_special_tokens=False).strip()
+
+    def post_process_segmentation(
+        self, outputs, target_sizes, expressions: list[list[str]], input_ids: torch.Tensor | None = None,
+        threshold: float = 0.5, return_rle: bool = False,
+    ) -> list[SegmentationResult]:
+        """Teacher-forced (`fast` mode) model outputs -> one [`SegmentationResult`] per sample.
+
+        Args:
+            outputs: the model's output for a batch built from [`segmentation_prompt`] conversations: `pred_masks`
+                (per sample `(E_b, H_c, W_c)` logits on the tile canvas), `seg_logits` `(M, vocab)` (the logits that
+                predict each `[SEG]` slot, in order) and `seg_sample` `(M,)`.
+            target_sizes: `(B, 2)` original (height, width) per sample.
+            expressions: per sample its expressions (one slot each).
+            input_ids (*optional*): the batch's ids, for the answer text (with `[REJ]` in the rejected slots).
+
+        `[SEG]` against `[REJ]` at each slot is the reference's argmax rule over the whole vocabulary.
+        """
+        slot_logits = outputs.seg_logits.float()
+        rejected_all = (slot_logits.argmax(-1) == self.rej_token_id).cpu()
+        seg_probs_all = slot_logits[:, [self.seg_token_id, self.rej_token_id]].softmax(-1)[:, 0].cpu()
+        sample_of_slot = outputs.seg_sample.cpu()
+        results = []
+        for b, exprs in enumerate(expressions):
+            rows = (sample_of_slot == b).nonzero().flatten()
+            if len(rows) != len(exprs):
+                raise ValueError(f"sample {b}: {len(rows)} [SEG] slots for {len(exprs)} expressions")
+            rejected, seg_probs = rejected_all[rows], seg_probs_all[rows]
+            text = "" if input_ids is None else self._teacher_forced_answer(input_ids[b], rejected)
+            results.append(self._result(exprs, outputs.pred_masks[b], target_sizes[b], rejected, seg_probs, text,
+                                        threshold, return_rle))
+        return results
+
+    def post_process_generation(
+        self, answer_ids: torch.Tensor, mask_logits: list[torch.Tensor], target_sizes, expressions: list[list[str]],
+        threshold: float = 0.5, return_rle: bool = False,
+    ) -> list[SegmentationResult]:
+        """Generated answers (`(B, T)` new tokens) and the mask logits of their `[SEG]` tokens -> one
+        [`SegmentationResult`] per sample. Slots map to expressions in order: one mask per generated `[SEG]`, a
+        `[REJ]` or a missing slot counts as rejected, slots beyond the expressions are dropped."""
+        results = []
+        for b, exprs in enumerate(expressions):
+            row = self.trim_answer(answer_ids[b].tolist())
+            slots = [t for t in row if t in (self.seg_token_id, self.rej_token_id)]
+            rejected = torch.ones(len(exprs), dtype=torch.bool)
+            logits = mask_logits[b].cpu()
+            out_logits = logits.new_zeros(len(exprs), *logits.shape[-2:])
+            seg_index = 0
+            for e, token in enumerate(slots[: len(exprs)]):
+                if token == self.seg_token_id:
+                    rejected[e] = False
+                    out_logits[e] = logits[seg_index]
+                    seg_index += 1
+            results.append(self._result(exprs, out_logits, target_sizes[b], rejected, (~rejected).float(),
+                                        self.decode_answer(row), threshold, return_rle))
+        return results
+
+    def _teacher_forced_answer(self, ids: torch.Tensor, rejected: torch.Tensor) -> str:
+        """The answer of a teacher-forced conversation (after its last `<|im_start|>assistant`), with `[REJ]` in its
+        rejected slots."""
+        ids = ids.clone()
+        seg_positions = (ids == self.seg_token_id).nonzero().flatten()
+        ids[seg_positions[rejected.to(ids.device)]] = self.rej_token_id
+        turns = (ids == self.tokenizer.convert_tokens_to_ids("<|im_start|>")).nonzero().flatten()
+        text = self.decode_answer(ids[int(turns.max()) + 1 if len(turns) else 0 :].tolist())
+        return text.split("\n", 1)[1].strip() if text.startswith("assistant\n") else text
+
+    def _result(self, exprs, mask_logits, original_size, rejected, seg_probs, text, threshold, return_rle):
+        probs, masks = self.post_process_masks(mask_logits.cpu(), original_size, threshold)
+        masks = masks & ~rejected[:, None, None]
+        area = masks.flatten(1).sum(1)
+        scores = torch.where(area > 0, (probs * masks).flatten(1).sum(1) / area.clamp(min=1),
+                             torch.zeros_like(area, dtype=probs.dtype))
+        return SegmentationResult(
+            expressions=list(exprs),
+            masks=masks,
+            boxes=self.masks_to_boxes(masks),
+            scores=scores,
+            seg_probs=seg_probs,
+            rejected=rejected,
+            text=text,
+            probabilities=probs,
+            rle=self.masks_to_rle(masks) if return_rle else None,
+        )
 
     @staticmethod
     def post_process_masks(mask_logits: torch.Tensor, original_size, threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,4 +465,4 @@ class MLLMSegProcessor(ProcessorMixin):
         return list(rles)
 
 
-__all__ = ["MLLMSegProcessor", "IGNORE_INDEX"]
+__all__ = ["MLLMSegProcessor", "SegmentationResult", "IGNORE_INDEX", "tokenizer_adds_bos"]

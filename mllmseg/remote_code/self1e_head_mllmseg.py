@@ -76,6 +76,25 @@ class SELF1EMaskHead(nn.Module):
         for module in self.modules():
             module._reference_init = True
 
+    # -- the mask-head interface the model uses (shared with DSFFMaskDecoder) -----------------------------------------
+    dual_pass = True  # masks come from a second LLM pass with the dual-perception attention mask
+
+    def tile_inputs(self, model, input_ids, hidden, image_outputs) -> tuple[torch.Tensor, ...]:
+        """Per-tile inputs, in tile order: the LLM states *at* the `<IMG_CONTEXT>` tokens, the compressed image
+        tokens that went into the LLM and the projector applied to the uncompressed ViT tokens."""
+        return (
+            model.image_token_states(input_ids, hidden),
+            image_outputs.pooler_output,
+            model.uncompressed_image_tokens(image_outputs),
+        )
+
+    def fuse_tiles(self, *tile_inputs) -> tuple[torch.Tensor, ...]:
+        return self.fuse_image(*tile_inputs)
+
+    def decode_masks(self, fused: tuple[torch.Tensor, ...], seg_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(mask logits [M, 2G, 2G], low-resolution logits [M, G, G])`."""
+        return self.decode(fused, seg_embeddings)
+
     @property
     def output_grid(self) -> int:
         """Mask logits per tile are `output_grid x output_grid` (2G: 64 for a 448 px tile with patch 14)."""

@@ -15,7 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..remote_code.conversation_mllmseg import MAX_EXPRESSIONS_PER_SAMPLE, evaluation_prompt, training_prompt
+from ..remote_code.conversation_mllmseg import (
+    MAX_EXPRESSIONS_PER_SAMPLE,
+    evaluation_prompt,
+    mark_user_text,
+    training_prompt,
+)
 
 
 def referent_is_empty(referent) -> bool:
@@ -77,13 +82,11 @@ class ConversationDataset(torch.utils.data.Dataset):
         picked = [referents[i] for i in chosen]
         texts = [r.text for r in picked]
         empty = [referent_is_empty(r) for r in picked]
+        marked = [mark_user_text(t) for t in texts]  # expressions are user text: the processor escapes them
         if self.eval_prompt_prob and rng.random() < self.eval_prompt_prob:
-            question, answer = evaluation_prompt(texts)
-            if any(empty):  # evaluation_prompt writes [SEG] in every slot; [REJ] where the expression is empty
-                parts = answer.split("[SEG]")
-                answer = parts[0] + "".join(("[REJ]" if e else "[SEG]") + p for e, p in zip(empty, parts[1:]))
+            question, answer = evaluation_prompt(marked, empty)
         else:
-            question, answer = training_prompt(texts, empty, rng)
+            question, answer = training_prompt(marked, empty, rng)
         seg_masks = [torch.from_numpy(np.asarray(r.mask, dtype=bool)) for r, e in zip(picked, empty) if not e]
         image = sample.image
         if self.jpeg_prob and rng.random() < self.jpeg_prob:

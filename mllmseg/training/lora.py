@@ -142,16 +142,3 @@ def trainable_parameter_counts(model) -> dict[str, int]:
     return parts
 
 
-def format_counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v:,}" for k, v in counts.items())
-
-
-__all__ = [
-    "LoraRecipe",
-    "apply_lora",
-    "build_lora_config",
-    "llm_linear_names",
-    "lora_target_regex",
-    "new_token_ids",
-    "trainable_parameter_counts",
-]

@@ -30,7 +30,7 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype=N
     return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
 
 
-def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None, dtype=None) -> Path:
+def merge_adapter_checkpoint(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None, dtype=None) -> Path:
     """Write `out_dir`: merged weights (`save_pretrained`, remote code) + the processor (from the adapter folder,
     else from the base)."""
     from ..remote_code.processing_mllmseg import MLLMSegProcessor
@@ -44,4 +44,4 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base: str | None = 
     return out_dir
 
 
-__all__ = ["merge_lora", "load_adapter_model", "adapter_base_path"]
+__all__ = ["merge_adapter_checkpoint", "load_adapter_model", "adapter_base_path"]

@@ -149,7 +149,8 @@ class MLLMSegTrainer(Trainer):
 # ----------------------------------------------------------------------------------------------------------------
 def build_model_and_processor(model_cfg: dict[str, Any], seed: int = 0):
     """`model:` section -> (model, processor, base_path). Exactly one of `tiny`, `internvl`, `pretrained`."""
-    from ..tiny import build_processor, build_tiny_model, build_tiny_tokenizer
+    from ..remote_code.processing_mllmseg import MLLMSegProcessor
+    from ..tiny import build_tiny_model, build_tiny_tokenizer
 
     sources = [k for k in ("tiny", "internvl", "pretrained") if model_cfg.get(k) is not None]
     if len(sources) != 1:
@@ -160,16 +161,16 @@ def build_model_and_processor(model_cfg: dict[str, Any], seed: int = 0):
     if model_cfg.get("tiny") is not None:
         tiny = dict(model_cfg["tiny"] or {})
         model, tokenizer = build_tiny_model(build_tiny_tokenizer(), seed=seed, **tiny)
-        processor = build_processor(tokenizer, model.config, system_message=system_message)
+        processor = MLLMSegProcessor.for_model_config(tokenizer, model.config, system_message=system_message)
     elif model_cfg.get("internvl") is not None:
         from ..base_checkpoint import from_internvl
 
         model, tokenizer = from_internvl(model_cfg["internvl"], **dict(model_cfg.get("config") or {}))
-        processor = build_processor(tokenizer, model.config, system_message=system_message)
-        processor.bos_token_in_prompt = bool(model_cfg.get("bos_token_in_prompt", False))
+        # BOS: as the tokenizer family has it (InternLM2 yes, Qwen2 no) unless the recipe says otherwise.
+        processor = MLLMSegProcessor.for_model_config(tokenizer, model.config, system_message=system_message,
+                                                      bos_token_in_prompt=model_cfg.get("bos_token_in_prompt"))
     else:
         from ..remote_code.modeling_mllmseg import MLLMSegForConditionalGeneration
-        from ..remote_code.processing_mllmseg import MLLMSegProcessor
 
         base_path = str(model_cfg["pretrained"])
         model = MLLMSegForConditionalGeneration.from_pretrained(base_path, dtype=dtype)
