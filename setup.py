@@ -9,7 +9,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=find_packages(include=["mllmseg", "mllmseg.*"]),
+    # recipes/ and hub_cards/ hold only data files; listed so setuptools packages them without warnings.
+    packages=find_packages(include=["mllmseg", "mllmseg.*"]) + ["mllmseg.recipes", "mllmseg.hub_cards"],
     include_package_data=True,
     package_data={"mllmseg": ["recipes/*.yaml", "recipes/*.json", "hub_cards/*.md"]},
     # The ranges CI proves: the whole suite runs on requirements/lock.txt, on the newest releases these ranges allow
@@ -32,7 +33,7 @@ setup(
     ],
     extras_require={
         # gradio + playwright: the web demo's browser test (it drives the system's Chromium, none is downloaded).
-        "test": ["pytest>=8", "scikit-image>=0.24", "gradio>=5", "playwright>=1.40"],
+        "test": ["pytest>=8", "scikit-image>=0.24", "gradio>=5", "playwright>=1.40", "hypothesis>=6.100"],
         "demo": ["gradio>=5"],
         "deepspeed": ["deepspeed>=0.16"],
         "flash": ["flash-attn>=2.6"],

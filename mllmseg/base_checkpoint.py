@@ -54,6 +54,17 @@ def init_new_token_rows(model, new_ids: list[int], old_rows: int) -> None:
         weight[ids] = weight[:old_rows][keep].float().mean(0).to(weight.dtype)
 
 
+def set_chat_generation_defaults(model, tokenizer) -> None:
+    """Plain `model.generate()` stops at the end of an assistant turn (`<|im_end|>`, as InternVL's chat stops) and
+    pads with the tokenizer's pad token; written to `generation_config.json` on save."""
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if end_of_turn is None or end_of_turn == tokenizer.unk_token_id:
+        raise ValueError("the tokenizer has no <|im_end|> token: not an InternVL2.5 chat tokenizer")
+    model.generation_config.eos_token_id = end_of_turn
+    if tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
 def from_internvl(base: str | Path, tokenizer=None, **config_overrides):
     """Build `(model, tokenizer)`: every base weight kept (`lm_head` included), `[SEG]`/`[REJ]` added, new token
     rows at the mean of the old ones, the mask decoder initialised as the reference (xavier-uniform).
@@ -81,4 +92,5 @@ def from_internvl(base: str | Path, tokenizer=None, **config_overrides):
     model = MLLMSegForConditionalGeneration.from_pretrained(base, config=config, key_mapping=INTERNVL_KEY_MAPPING)
     init_new_token_rows(model, new_ids, old_rows=config.text_config.vocab_size)
     model.config.text_config.vocab_size = model.get_input_embeddings().weight.shape[0]
+    set_chat_generation_defaults(model, tokenizer)
     return model, tokenizer

@@ -377,3 +377,64 @@ def test_text_config_mapping():
                 top_k=50, use_bfloat16=True, vocab_size=151674, tie_word_embeddings=True)
     t = _text_config(qwen, 151674)
     assert t["model_type"] == "qwen2" and t["tie_word_embeddings"] is False and "architectures" not in t
+
+
+def _as_release_tokenizer_folder(folder, internlm2=True):
+    """Make a source's tokenizer files look like an OpenGVLab / MLLMSeg release: `tokenizer_config.json` names the
+    release's own classes in `auto_map`, whose files would record that they ran if anything executed them."""
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    name = "InternLM2Tokenizer" if internlm2 else "Qwen2Tokenizer"
+    config["tokenizer_class"] = name
+    config["auto_map"] = {"AutoTokenizer": [f"tokenization_internlm2.{name}", f"tokenization_internlm2_fast.{name}Fast"]}
+    config_path.write_text(json.dumps(config))
+    marker = folder / "REMOTE_CODE_RAN"
+    for module in ("tokenization_internlm2.py", "tokenization_internlm2_fast.py"):
+        (folder / module).write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    return marker
+
+
+def test_conversion_never_runs_or_asks_for_remote_code(tmp_path, tokenizer):
+    """`mllmseg convert-upstream SRC DST` on a release whose tokenizer has `auto_map`: no prompt (stdin is closed, so
+    a prompt would fail), nothing of the source executed, the same tokens."""
+    import subprocess
+    import sys
+
+    model = make_model(tokenizer, "llama")
+    src = write_source(tmp_path / "src", to_upstream(model, internlm2=True), chat_config(model, True), tokenizer)
+    marker = _as_release_tokenizer_folder(src)
+    run = subprocess.run([sys.executable, "-m", "mllmseg", "convert-upstream", str(src), str(tmp_path / "dst")],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+                         env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert not marker.exists() and "custom code" not in run.stdout + run.stderr
+    converted = MLLMSegForConditionalGeneration.from_pretrained(tmp_path / "dst").eval()
+    assert_same_outputs(model, converted, tokenizer)
+
+
+def test_conversion_keeps_per_tensor_dtypes_and_source_settings(tmp_path, tokenizer):
+    """A bf16 release with an fp16 decoder keeps the decoder's fp16 values exactly; `max_dynamic_patch` becomes the
+    tile budget; plain `generate()` stops at `<|im_end|>`; a template other than internvl2_5 is refused."""
+    from safetensors import safe_open
+
+    model = make_model(tokenizer, "qwen2", seed=2)
+    state = to_upstream(model, internlm2=False)
+    state = {k: v.to(torch.float16 if k.startswith("res_decoder.") else torch.bfloat16) for k, v in state.items()}
+    config = chat_config(model, False, max_dynamic_patch=6)
+    src = write_source(tmp_path / "src", state, config, tokenizer)
+    dst = convert_upstream(src, tmp_path / "dst")
+    with safe_open(str(dst / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+        decoder_key = "mask_decoder.conv2.weight"
+        assert torch.equal(f.get_tensor(decoder_key), state["res_decoder.conv2.weight"])
+    assert {d for k, d in dtypes.items() if k.startswith("mask_decoder.") and d.is_floating_point} == {torch.float16}
+    assert {d for k, d in dtypes.items() if k.startswith("model.language_model.")} == {torch.bfloat16}
+    saved = json.loads((dst / "config.json").read_text())
+    assert saved["max_dynamic_tiles"] == 6
+    generation = json.loads((dst / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    bad = dict(config, template="internlm2-chat")
+    src_bad = write_source(tmp_path / "bad", state, bad, tokenizer)
+    with pytest.raises(ValueError, match="template 'internlm2-chat'"):
+        convert_upstream(src_bad, tmp_path / "dst_bad")

@@ -344,3 +344,29 @@ def test_recipe_hub_source_reads_a_saved_dataset(tmp_path, mini):
     assert int(referent.mask.sum()) == mini["verification"][referent.ref_id]["mask_area_px"]
     with pytest.raises(ValueError, match="no split 'test'"):
         build_samples({"type": "hub", "path": str(tmp_path / "hub"), "hub_split": "test"})
+
+
+@pytest.mark.parametrize("segmentation, match", [
+    ([[1e9, 1e9, 5, 5, 3, 9]], "far outside"),
+    ([[float("inf"), 1, 5, 5, 3, 9]], "non-finite"),
+    ([[-1e10, 1, 5, 5, 3, 9]], "far outside"),
+    ([[1, 2, 3, 4, 5]], "5 values"),
+    ([[1, 2, 3, 4]], "4 values"),
+    ([[float("nan"), 2, 3, 4, 5, 6]], "non-finite"),
+    ([["a", 2, 3, 4, 5, 6]], "non-numeric"),
+    ({"size": [10, 20], "counts": "abc"}, "RLE size"),
+    ("polygon", "unsupported"),
+])
+def test_bad_segmentations_are_refused_before_rasterising(segmentation, match):
+    """Coordinates of 1e9 used to crash the process inside pycocotools; odd or NaN polygons became empty masks."""
+    from mllmseg.data.masks import BadSegmentationError, decode_segmentation
+
+    with pytest.raises(BadSegmentationError, match=match):
+        decode_segmentation(segmentation, 40, 30)
+
+
+def test_good_segmentations_still_decode():
+    from mllmseg.data.masks import decode_segmentation
+
+    mask = decode_segmentation([[8, 8, 20, 8, 20, 30, 8, 30], [-3, -3, 5, -3, 5, 5, -3, 5]], 40, 30)  # a part reaches outside
+    assert mask.shape == (40, 30) and mask[10, 10] and mask[0, 0] and not mask[35, 25]

@@ -181,3 +181,40 @@ def test_bad_inputs_give_clear_errors(setup, tmp_path):
             model.segment(proc, str(big), "x")
     finally:
         Image.MAX_IMAGE_PIXELS = monkeypatch_limit
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(batch_size=-1), ValueError, "batch_size must be a positive integer, got -1"),
+    (dict(batch_size=0), ValueError, "batch_size must be a positive integer"),
+    (dict(threshold=-1), ValueError, "threshold must be a probability strictly between 0 and 1, got -1"),
+    (dict(threshold=2), ValueError, "threshold must be"),
+    (dict(threshold=float("nan")), ValueError, "threshold must be"),
+    (dict(max_new_tokens=0), ValueError, "max_new_tokens must be"),
+])
+def test_segment_arguments_are_validated(setup, kwargs, error, match):
+    """These used to give [] (batch_size=-1) or all-True / all-False masks (threshold -1 / 2 / NaN)."""
+    model, tok, proc = setup
+    with pytest.raises(error, match=match):
+        model.segment(proc, image(), ["the red circle"], **kwargs)
+
+
+@pytest.mark.parametrize("expression", [None, b"the circle", 3])
+def test_segment_refuses_non_string_expressions(setup, expression):
+    model, tok, proc = setup
+    with pytest.raises(TypeError, match="image 0, expression 1: expected a string"):
+        model.segment(proc, image(), ["the red circle", expression])
+
+
+def test_phone_photo_orientation_is_the_viewers(setup, tmp_path):
+    """A JPEG stored 200 x 100 with EXIF Orientation=6 (rotate 90 degrees to view) is 100 wide and 200 high on screen:
+    masks and boxes come back in that frame, from a path and from the opened PIL image alike."""
+    model, tok, proc = setup
+    stored = Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 200, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    stored.save(path, exif=exif)
+    for source in (path, Image.open(path)):
+        result = model.segment(proc, source, ["the red circle"])
+        assert result.masks.shape == (1, 200, 100)
+    assert tuple(proc(images=Image.open(path), text="x")["original_sizes"][0].tolist()) == (200, 100)

@@ -201,14 +201,6 @@ def test_error_when_image_tokens_and_tiles_disagree():
         model(**truncated)
 
 
-def test_error_when_pixel_values_missing():
-    model, tok = tiny()
-    inputs = batch_inputs(model, tok, [(1, "Sure, [SEG].")])
-    del inputs["pixel_values"]
-    with pytest.raises(ValueError, match="no pixel_values were given"):
-        model(**inputs)
-
-
 def test_error_when_several_tiles_have_no_grid():
     model, tok = tiny()
     inputs = batch_inputs(model, tok, [(3, "Sure, [SEG].")])
@@ -258,3 +250,17 @@ def test_tiny_vit_can_start_with_2d_sincos_position_embeddings():
     for (name, a), (_, b) in zip(default.named_parameters(), model.named_parameters()):
         if "position_embeddings" not in name:
             torch.testing.assert_close(a, b, msg=name)
+
+
+def test_config_without_seg_token_still_runs_text_only():
+    """A plain `MLLMSegConfig(vision_config=..., text_config=...)` (no `[SEG]` id) runs text-only forwards."""
+    reference = tiny_config(build_tiny_tokenizer())
+    config = MLLMSegConfig(vision_config=reference.vision_config.to_dict(), text_config=reference.text_config.to_dict())
+    assert config.seg_token_id is None
+    from mllmseg import MLLMSegForConditionalGeneration
+
+    model = MLLMSegForConditionalGeneration(config).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+    assert out.logits.shape[:2] == (1, 4) and torch.isfinite(out.loss) and out.pred_masks is None

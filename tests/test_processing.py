@@ -122,3 +122,36 @@ def test_auto_processor_from_remote_code_in_a_fresh_process(tiny_setup, tmp_path
     expected = proc(images=[Image.new("RGB", (50, 20), "red")], text=["q"], answers=["Sure, [SEG]."])
     line = result.stdout.strip().splitlines()[-1]
     assert line == f"{proc.tokens_per_tile} {expected['input_ids'].tolist()} {expected['pixel_values'].sum().item()}"
+
+
+def test_processor_follows_transformers_keyword_conventions(tiny_setup):
+    """Keywords are routed (image-processor ones to the image processor, `images_kwargs` / `text_kwargs`), tensors
+    come as asked, nothing is dropped silently, and the output feeds `model(**...)` and `generate(**...)`."""
+    import numpy as np
+    from PIL import Image
+
+    model, tok, proc = tiny_setup
+    image = Image.new("RGB", (300, 100), "red")
+    plain = proc(images=image, text="hi", tiling="dynamic")
+    routed = proc(images=image, text="hi", tiling="dynamic", use_thumbnail=False, images_kwargs={"max_tiles": 2})
+    assert int(plain["num_tiles"][0]) == 4 and int(routed["num_tiles"][0]) == 2  # 3x1 + thumbnail, then 2x1 only
+    as_np = proc(images=image, text="hi", return_tensors="np")
+    assert isinstance(as_np["input_ids"], np.ndarray) and isinstance(as_np["pixel_values"], np.ndarray)
+    left = proc(text=["a", "a longer one"], text_kwargs={"padding_side": "left"})
+    assert left["attention_mask"][0, 0] == 0
+    for bad, error, match in [
+        (dict(truncation=True), ValueError, "truncation is not supported"),
+        (dict(shuffle=True), TypeError, r"unknown keyword\(s\) \['shuffle'\]"),
+        (dict(text_kwargs={"stride": 2}), TypeError, "unknown text keyword 'stride'"),
+        (dict(padding="max_length"), ValueError, "padding must be"),
+        (dict(return_tensors="tf"), ValueError, "return_tensors must be"),
+    ]:
+        with pytest.raises(error, match=match):
+            proc(text="hi", **bad)
+    with pytest.raises(ValueError, match="pass text .* and/or images; got neither"):
+        proc()
+    assert {"num_tiles", "tile_grids", "original_sizes", "pixel_values"} <= set(proc.model_input_names)
+    batch = proc(images=image, text="Sure.", tiling="single")
+    with torch.no_grad():
+        model(**batch)
+        model.generate(**batch, max_new_tokens=2, pad_token_id=tok.pad_token_id)

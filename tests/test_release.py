@@ -199,3 +199,30 @@ def test_dry_run_uploads_nothing(dry_run, fake_hub, checkpoint, tmp_path):
     rc = main(["release", str(checkpoint), "--repo-id", "me/tiny-mllmseg", "--dry-run",
                "--output-dir", str(tmp_path / "r"), "--skip-verify"])
     assert rc == 0 and fake_hub.requests == []
+
+
+def test_release_refuses_symlinks_and_files_outside_the_folder(checkpoint, tmp_path, capsys):
+    """A symlinked file would upload its target; an index entry `../x.safetensors` escaped the folder."""
+    def run(folder):
+        rc = main(["release", str(folder), "--repo-id", "me/x", "--dry-run", "--output-dir", str(tmp_path / f"o-{folder.name}")])
+        return rc, capsys.readouterr().err.strip()
+
+    linked = _broken_copy(checkpoint, tmp_path, "linked")
+    target = tmp_path / "elsewhere.py"
+    (linked / "configuration_mllmseg.py").rename(target)
+    (linked / "configuration_mllmseg.py").symlink_to(target)
+    rc, err = run(linked)
+    assert rc == 2 and "is a symbolic link" in err and "configuration_mllmseg.py" in err
+
+    escaping = _broken_copy(checkpoint, tmp_path, "escaping")
+    outside = tmp_path / "x.safetensors"
+    (escaping / "model.safetensors").rename(outside)
+    from safetensors import safe_open
+
+    with safe_open(str(outside), "pt") as f:
+        keys = list(f.keys())
+    (escaping / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: "../x.safetensors" for k in keys}}))
+    rc, err = run(escaping)
+    assert rc == 2 and "resolves outside the checkpoint folder" in err
+    assert not (tmp_path / "o-escaping").exists() or not any((tmp_path / "o-escaping").iterdir())

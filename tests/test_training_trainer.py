@@ -152,3 +152,23 @@ def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
         assert (out / name / "trainer_state.json").is_file() and (out / name / "optimizer.pt").is_file()
     assert not (out / ".staging").exists()  # leftovers cleared, nothing half-written in sight
     assert not list((out / "final").glob("*.bin"))  # the final model folder carries no pickle
+
+
+def test_finished_run_is_not_trained_again_and_stale_trash_goes(tmp_path, capsys):
+    """Re-running a finished `mllmseg train` used to train one more step and rewrite final/."""
+    from safetensors.torch import load_file
+
+    recipe = load_recipe("tiny", FAST + ["training.max_steps=2", "training.save_steps=1", "training.save_total_limit=1"])
+    out = tmp_path / "run"
+    first = run_training(recipe, output_dir=str(out))
+    weights = load_file(out / "final" / "model.safetensors")
+    mtime = (out / "final" / "model.safetensors").stat().st_mtime_ns
+    trash = out / ".staging" / "checkpoint-1.deleting"
+    trash.mkdir(parents=True)
+    (trash / "half.bin").write_bytes(b"x")
+    again = run_training(recipe, output_dir=str(out))
+    assert "already trained to step 2" in capsys.readouterr().out
+    assert again["global_step"] == first["global_step"] == 2
+    assert (out / "final" / "model.safetensors").stat().st_mtime_ns == mtime
+    assert all(torch.equal(v, load_file(out / "final" / "model.safetensors")[k]) for k, v in weights.items())
+    assert not trash.exists()

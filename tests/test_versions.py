@@ -35,7 +35,7 @@ TRANSFORMERS_IMPORTS = {
     "transformers.modeling_outputs": {"BaseModelOutputWithPooling", "CausalLMOutputWithPast"},
     "transformers.models.got_ocr2.image_processing_pil_got_ocr2": {"get_optimal_tiled_canvas"},
     "transformers.models.internvl.modeling_internvl": {"InternVLModel"},
-    "transformers.processing_utils": {"ImagesKwargs", "ProcessorMixin", "Unpack"},
+    "transformers.processing_utils": {"ImagesKwargs", "MultiModalData", "ProcessorMixin", "Unpack"},
     "transformers.utils": {"TensorType"},
 }
 

@@ -136,6 +136,9 @@ def load_source_config(src: str | Path) -> dict:
     arch = (config["llm_config"].get("architectures") or [None])[0]
     if arch not in SUPPORTED_LLMS:
         raise ValueError(f"{path}: llm_config architecture {arch!r} is not supported (supported: {SUPPORTED_LLMS})")
+    if config.get("template", "internvl2_5") != "internvl2_5":
+        raise ValueError(f"{path}: template {config['template']!r}: MLLMSeg's processor renders the 'internvl2_5' chat "
+                         "format only; converting would prompt the model in a format it was not trained with")
     if config.get("ps_version", "v1") != "v2":
         raise ValueError(f"{path}: ps_version {config.get('ps_version', 'v1')!r}: only the 'v2' pixel shuffle (that of "
                          "transformers' InternVL and of all InternVL2.5/3 releases) is supported")
@@ -396,7 +399,7 @@ def build_config(config: dict, tokenizer, vocab_rows: int, decoder_ffn_dim: int 
         **ids,
         decoder_ffn_dim=None if decoder_ffn_dim in (None, width) else decoder_ffn_dim,
         tie_word_embeddings=False,
-        **overrides,
+        **({"max_dynamic_tiles": int(config["max_dynamic_patch"])} if "max_dynamic_patch" in config else {}) | overrides,
     )
 
 
@@ -404,19 +407,33 @@ def build_config(config: dict, tokenizer, vocab_rows: int, decoder_ffn_dim: int 
 # Driver
 # ---------------------------------------------------------------------------------------------------------------
 def _load_tokenizer(src: Path, tokenizer):
-    from transformers import AutoTokenizer
+    """The source's tokenizer, never through remote code: every OpenGVLab / MLLMSeg release names its own tokenizer
+    classes in `auto_map` (`AutoTokenizer` would ask to run them), but ships `tokenizer.json`, which the fast
+    tokenizer reads as it is (special tokens and added tokens from `tokenizer_config.json`)."""
+    from transformers import PreTrainedTokenizerFast
 
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
         return tokenizer
     where = Path(tokenizer) if tokenizer is not None else src
-    try:
-        return AutoTokenizer.from_pretrained(where)
-    except Exception as error:  # noqa: BLE001 - re-raised as a user-facing error
+    if not (where / "tokenizer.json").is_file():
         raise ValueError(
-            f"could not load a tokenizer from {where} without remote code ({type(error).__name__}: {error}). "
-            "InternLM2-based releases ship a sentencepiece-only tokenizer: pass a folder holding a fast tokenizer "
-            "(tokenizer.json) with tokenizer=/--tokenizer"
-        ) from error
+            f"{where} has no tokenizer.json (a fast tokenizer); InternLM2-based releases may ship only a sentencepiece "
+            "tokenizer.model, which needs their remote code: pass a folder holding a fast tokenizer with "
+            "tokenizer=/--tokenizer (e.g. one saved by the release's own AutoTokenizer)"
+        )
+    return PreTrainedTokenizerFast.from_pretrained(where)
+
+
+def _restore_dtypes(model, weights: Path, dtypes: dict) -> None:
+    """Give the parameters and buffers named in `dtypes` their source dtype and exact source values."""
+    from safetensors import safe_open
+
+    if not dtypes:
+        return
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    with safe_open(str(weights), "pt") as f, torch.no_grad():
+        for key, dtype in dtypes.items():
+            tensors[key].data = f.get_tensor(key).to(dtype)
 
 
 def _check_keys(converted: dict[str, torch.Tensor], config, allow_missing_prefix: str | None) -> None:
@@ -444,7 +461,7 @@ def _convert(src, dst, *, tokenizer, lora_scale, base: bool, **overrides):
     import mllmseg  # noqa: F401 - registers the auto classes (remote-code save)
     from safetensors.torch import save_file
 
-    from ..base_checkpoint import add_mllmseg_tokens, init_new_token_rows
+    from ..base_checkpoint import add_mllmseg_tokens, init_new_token_rows, set_chat_generation_defaults
     from ..remote_code.modeling_mllmseg import MLLMSegForConditionalGeneration
     from ..remote_code.processing_mllmseg import MLLMSegProcessor
 
@@ -468,6 +485,8 @@ def _convert(src, dst, *, tokenizer, lora_scale, base: bool, **overrides):
     model_config = build_config(config, tok, vocab_rows, None if ffn is None else ffn.shape[0], tuple(new_ids),
                                 **overrides)
     dtype = Counter(v.dtype for v in converted.values() if v.is_floating_point()).most_common(1)[0][0]
+    # Tensors stored in another float dtype than most (an fp16 decoder in a bf16 release) keep theirs.
+    other_dtypes = {k: v.dtype for k, v in converted.items() if v.is_floating_point() and v.dtype != dtype}
     _check_keys(converted, model_config, "mask_decoder." if base else None)
 
     dst.mkdir(parents=True, exist_ok=True)
@@ -477,10 +496,12 @@ def _convert(src, dst, *, tokenizer, lora_scale, base: bool, **overrides):
                   metadata={"format": "pt"})
         del converted
         model = MLLMSegForConditionalGeneration.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa")
+        _restore_dtypes(model, Path(tmp) / "model.safetensors", other_dtypes)
     if base:
         init_new_token_rows(model, new_ids, old_rows=vocab_rows)
         model.config.text_config.vocab_size = model.get_input_embeddings().weight.shape[0]
     model.eval()
+    set_chat_generation_defaults(model, tok)
     model.save_pretrained(dst)
     # BOS as the source's tokenizer family has it (InternLM2: <s> first, as the reference prompts; Qwen2: none).
     processor = MLLMSegProcessor.for_model_config(tok, model.config)

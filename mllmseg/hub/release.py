@@ -76,6 +76,18 @@ def check_no_pickles(folder: Path) -> None:
         )
 
 
+def check_inside(folder: Path, names: Sequence[str]) -> None:
+    """Every file a release takes is a regular file inside `folder`: no symlink (an upload would send its target)
+    and no name (an index entry such as `../x.safetensors`) that resolves outside."""
+    root = Path(folder).resolve()
+    for name in names:
+        path = Path(folder) / name
+        if path.is_symlink():
+            raise ReleaseError(f"{path} is a symbolic link: a release takes regular files only (copy the target in)")
+        if root not in path.resolve().parents:
+            raise ReleaseError(f"{name!r} resolves outside the checkpoint folder {folder}: refused")
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -89,6 +101,7 @@ def weight_files(folder: Path) -> list[str]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        check_inside(folder, shards)
         for shard in shards:
             if not (folder / shard).is_file():
                 raise ReleaseError(f"weight shard {folder / shard} (listed in {index.name}) is missing")
@@ -214,6 +227,7 @@ def assemble_release(
     code = remote_code_closure(model_dir)
     extras = [name for name in RELEASE_FILES if (model_dir / name).is_file()]
     files = sorted(set(weights) | set(code) | set(extras))
+    check_inside(model_dir, files)
     skipped = sorted(
         str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file() and p.name not in files
     )

@@ -48,8 +48,14 @@ def mark_user_text(text: str, keep_image_placeholders: bool = False) -> str:
     return USER_OPEN + text + USER_CLOSE
 
 
+class MarkedText(str):
+    """A question or answer whose user parts are already marked for escaping (what `segmentation_prompt` and the
+    training dataset build). Any other string handed to the processor as a question is user text as a whole: a
+    string cannot claim to be marked by containing the marks, only by being built as this type."""
+
+
 def is_marked(text: str) -> bool:
-    return USER_OPEN in text
+    return isinstance(text, MarkedText)
 
 
 _MARKED = re.compile(re.escape(USER_OPEN) + "(.*?)" + re.escape(USER_CLOSE), re.DOTALL)
@@ -150,6 +156,7 @@ __all__ = [
     "ANSWER_TEMPLATES",
     "render_conversation",
     "mark_user_text",
+    "MarkedText",
     "unmark",
     "expand_image_placeholders",
     "placeholders_outside_user_text",

@@ -101,6 +101,8 @@ def _scale_16bit_to_8bit(values: np.ndarray) -> np.ndarray:
 
 def _composite_on_background(image: Image.Image) -> Image.Image:
     """Alpha-composite onto `ALPHA_BACKGROUND` and drop the alpha channel."""
+    if image.mode == "La":  # premultiplied grey + alpha: Pillow converts it to LA only
+        image = image.convert("LA")
     rgba = image.convert("RGBA")
     background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
     return Image.alpha_composite(background, rgba).convert("RGB")
@@ -218,7 +220,7 @@ def _array_to_pil(array: np.ndarray, channels_first: bool | None = None) -> Imag
     return Image.fromarray(np.ascontiguousarray(array), mode=mode)
 
 
-def load_image(image: Any, exif_transpose: bool = False) -> Image.Image:
+def load_image(image: Any, exif_transpose: bool = True) -> Image.Image:
     """Load one image from any supported source and return it as an 8-bit RGB PIL image.
 
     Args:
@@ -228,8 +230,10 @@ def load_image(image: Any, exif_transpose: bool = False) -> Image.Image:
             - a `PIL.Image.Image` of any mode (see `to_rgb` for the conversion rules);
             - a NumPy array ``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` (uint8, bool, uint16, or float in [0, 1]);
             - a torch tensor, same rules (3-D tensors are read as ``[C, H, W]`` when the first axis is 1/3/4).
-        exif_transpose (`bool`, *optional*, defaults to `False`): apply the EXIF orientation tag. Off by default,
-            as in InternVL/MLLMSeg and COCO, whose annotations are in stored (un-rotated) pixel order.
+        exif_transpose (`bool`, *optional*, defaults to `True`): apply the EXIF orientation tag, so that a phone
+            photo is read in the frame a viewer sees (as Gradio, browsers and image viewers show it) and masks come
+            back in that frame. (InternVL's model card does not; the dataset loaders keep the stored frame, in which
+            COCO-style annotations are drawn, and check the image size against the annotation file.)
 
     Returns:
         `PIL.Image.Image` in mode ``RGB``.
@@ -273,7 +277,7 @@ def load_image(image: Any, exif_transpose: bool = False) -> Image.Image:
         raise TypeError(
             f"Unsupported image type {type(image).__name__}: expected a path, bytes, PIL image, NumPy array or tensor"
         )
-    if exif_transpose:
+    if exif_transpose and image.getexif().get(0x0112, 1) != 1:  # 0x0112: Orientation (1: as stored)
         image = ImageOps.exif_transpose(image)
     return to_rgb(image, name=name)
 

@@ -63,22 +63,27 @@ class MLLMSegInferenceMixin:
         return sequences, states
 
     def _masks_from_states(self, sequences, states, image_outputs, tile_grids, prompt_attention_mask=None,
-                           eos_token_id=None):
+                           eos_token_id=None, reordered: bool = False):
         """Mask logits per sequence from recorded states (`states[:, p]` is the state at position p).
 
-        SELF1E: its image tokens attend to the later `[SEG]` (dual-perception mask), which generation could not
-        know yet, so masks come from one full forward over prompt + answer with that mask instead."""
-        if self.mask_decoder.dual_pass:
-            return self._masks_from_full_pass(sequences, prompt_attention_mask, image_outputs, tile_grids, eos_token_id)
+        One full forward over prompt + answer instead where the recorded states cannot serve: SELF1E (its image
+        tokens attend to the later `[SEG]` through the dual-perception mask, which generation could not know yet)
+        and beam search (`reordered`: the recorded rows follow the beams of each step, not the returned
+        sequences)."""
+        if self.mask_decoder.dual_pass or reordered:
+            return self._masks_from_full_pass(sequences, prompt_attention_mask, image_outputs, tile_grids, eos_token_id,
+                                              causal=not self.mask_decoder.dual_pass)
         ids = sequences[:, : states.shape[1] + 1]
         hidden = torch.cat([states, states[:, -1:]], dim=1)  # pad so positions index as in a full forward
         tiles = self.tiles_per_sample(ids)
         seg_emb, seg_sample = self.seg_embeddings(ids, hidden)
         return self.predict_masks(self.mask_head_inputs(ids, hidden, image_outputs), seg_emb, seg_sample, tiles, tile_grids)
 
-    def _masks_from_full_pass(self, sequences, prompt_attention_mask, image_outputs, tile_grids, eos_token_id):
+    def _masks_from_full_pass(self, sequences, prompt_attention_mask, image_outputs, tile_grids, eos_token_id,
+                              causal: bool = False):
         """One forward over generated sequences (prompt left-padded, answer up to its end-of-turn token) with the
-        image features of the generation; positions count real tokens only, as in a right-padded forward."""
+        image features of the generation (SELF1E's dual-perception pass, or with `causal` a plain one); positions
+        count real tokens only, as in a right-padded forward."""
         mask = torch.ones_like(sequences)
         if prompt_attention_mask is not None:
             mask[:, : prompt_attention_mask.shape[1]] = prompt_attention_mask
@@ -102,7 +107,11 @@ class MLLMSegInferenceMixin:
         image = type(image_outputs)(last_hidden_state=image_outputs.last_hidden_state[tile_rows],
                                     pooler_output=image_outputs.pooler_output[tile_rows])
         ids = sequences[rows]
-        hidden = self.dual_perception_states(ids, mask[rows], position_ids[rows], image)
+        if causal:
+            hidden = self.model(input_ids=ids, attention_mask=mask[rows], position_ids=position_ids[rows],
+                                use_cache=False, mm_encoder_outputs={"image": image}).last_hidden_state
+        else:
+            hidden = self.dual_perception_states(ids, mask[rows], position_ids[rows], image)
         seg_emb, seg_sample = self.seg_embeddings(ids, hidden)
         found = self.predict_masks(self.mask_head_inputs(ids, hidden, image), seg_emb, seg_sample,
                                    self.tiles_per_sample(ids), None if tile_grids is None else tile_grids[rows])
@@ -229,6 +238,11 @@ class MLLMSegInferenceMixin:
 
     def _generation_settings(self, processor, generation_config: dict | None) -> dict:
         config = dict(generation_config or {})
+        if int(config.get("num_return_sequences", 1)) != 1:
+            raise ValueError(
+                f"num_return_sequences={config['num_return_sequences']}: chat and segment return one answer per "
+                "question; call model.generate(...) for several"
+            )
         config.setdefault("eos_token_id", processor.end_of_turn_id)
         config.setdefault("pad_token_id", processor.tokenizer.pad_token_id)
         return config
@@ -247,7 +261,7 @@ class MLLMSegInferenceMixin:
         if return_masks and image_outputs is not None:
             if bool((new_tokens == self.config.seg_token_id).any()):
                 masks = self._masks_from_states(sequences, states, image_outputs, tile_grids, attention,
-                                                config["eos_token_id"])
+                                                config["eos_token_id"], reordered=int(config.get("num_beams", 1)) > 1)
             else:
                 size = self.mask_decoder.output_grid
                 masks = [states.new_zeros(0, size, size) for _ in responses]
@@ -289,6 +303,12 @@ class MLLMSegInferenceMixin:
         """
         if mode not in SEGMENT_MODES:
             raise ValueError(f"mode must be one of {SEGMENT_MODES}, got {mode!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < float(threshold) < 1.0:
+            raise ValueError(f"threshold must be a probability strictly between 0 and 1, got {threshold!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         single = not isinstance(images, (list, tuple))
         image_list = [images] if single else list(images)
         if single:
@@ -303,8 +323,10 @@ class MLLMSegInferenceMixin:
         for i, exprs in enumerate(expr_lists):
             if not exprs:
                 raise ValueError(f"image {i} has no expressions")
-            for e in exprs:
-                if not isinstance(e, str) or not e.strip().strip("."):
+            for j, e in enumerate(exprs):
+                if not isinstance(e, str):
+                    raise TypeError(f"image {i}, expression {j}: expected a string, got {type(e).__name__} ({e!r})")
+                if not e.strip().strip("."):
                     raise ValueError(f"image {i}: expression {e!r} is empty; give a non-empty description")
         image_list = [str(im) if isinstance(im, Path) else im for im in image_list]
         tiling = tiling or self.config.seg_tiling
@@ -339,7 +361,8 @@ class MLLMSegInferenceMixin:
         image_outputs = self._image_outputs(batch["pixel_values"])
         sequences, states = self._generate_with_states(ids, attention, image_outputs, config)
         mask_logits = self._masks_from_states(sequences, states, image_outputs, batch["tile_grids"].to(self.device),
-                                              attention, config["eos_token_id"])
+                                              attention, config["eos_token_id"],
+                                              reordered=int(config.get("num_beams", 1)) > 1)
         return processor.post_process_generation(
             sequences[:, ids.shape[1] :], mask_logits, target_sizes=batch["original_sizes"], expressions=expr_lists,
             threshold=threshold, return_rle=return_rle,

@@ -150,6 +150,7 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # as InternVL's head (tensor-parallel loading)
 
     def __init__(self, config: MLLMSegConfig):
         super().__init__(config)
@@ -453,6 +454,8 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        num_tiles: torch.LongTensor | None = None,
+        original_sizes: torch.LongTensor | None = None,
         **kwargs,
     ) -> MLLMSegCausalLMOutputWithPast:
         r"""
@@ -467,15 +470,21 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
             tile_grids (`(B, 2)`, *optional*): (rows, cols) of each sample's tile grid, for samples with several tiles.
             mm_encoder_outputs (*optional*): pre-computed `get_image_features` output (`{"image": ...}`), as
                 `generate()` passes it.
+            num_tiles, original_sizes (*optional*): the processor's bookkeeping, accepted and unused, so that
+                `model(**processor(...))` and `model.generate(**processor(...))` work (post-processing reads them).
 
         Masks are predicted when the sequence holds both the image and `[SEG]` tokens (a full forward, not a cached
         generation step).
         """
         cache = pop_cache(kwargs, past_key_values)
         first_step = cache is None or cache.get_seq_length() == 0
+        return_dict = kwargs.pop("return_dict", None)
+        return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
         # 1. Inputs and image features.
-        image_outputs, tiles = self._image_inputs(input_ids, inputs_embeds, pixel_values, mm_encoder_outputs)
-        has_seg = input_ids is not None and bool((input_ids == self.config.seg_token_id).any())
+        seg_id = self.config.seg_token_id
+        has_seg = input_ids is not None and seg_id is not None and bool((input_ids == seg_id).any())
+        image_outputs, tiles = self._image_inputs(input_ids, inputs_embeds, pixel_values, mm_encoder_outputs,
+                                                  needs_tiles=has_seg or masks is not None, generating=cache is not None)
         self._check_mask_inputs(has_seg, image_outputs, first_step, masks)
         dual_pass = (
             self.mask_decoder.dual_pass and has_seg and image_outputs is not None and first_step
@@ -493,6 +502,7 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
             use_cache=use_cache,
             mm_encoder_outputs={"image": image_outputs} if image_outputs is not None else None,
             **cache_kwargs(cache),
+            return_dict=True,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -505,7 +515,7 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
 
         # 3. Masks, one per [SEG] (SELF1E: from a second pass with the dual-perception mask).
         pred_masks = low_res_masks = None
-        if has_seg and image_outputs is not None:
+        if has_seg and tiles is not None:
             mask_states = (
                 self.dual_perception_states(input_ids, attention_mask, position_ids, image_outputs)
                 if dual_pass
@@ -519,7 +529,7 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
         # 4. Losses.
         loss, lm_loss, mask_loss = self._losses(logits, labels, pred_masks, masks, low_res_masks, hidden, **kwargs)
 
-        return MLLMSegCausalLMOutputWithPast(
+        output = MLLMSegCausalLMOutputWithPast(
             loss=loss,
             lm_loss=lm_loss,
             mask_loss=mask_loss,
@@ -532,23 +542,28 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
             seg_sample=seg_sample,
             **cache_kwargs(output_cache(outputs)),
         )
+        return output if return_dict else output.to_tuple()
 
-    def _image_inputs(self, input_ids, inputs_embeds, pixel_values, mm_encoder_outputs):
+    def _image_inputs(self, input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, needs_tiles: bool = True,
+                      generating: bool = False):
         """Checked inputs -> (image features or None, tiles per sample or None). Features come from
-        `mm_encoder_outputs` (as `generate()` passes them) or are computed from `pixel_values`."""
+        `mm_encoder_outputs` (as `generate()` passes them) or are computed from `pixel_values`. Tiles (the
+        bookkeeping of masks) are worked out when masks are needed; during generation a chunk of a chunked prefill
+        may hold only part of an image's tokens: it gets no masks (as no decoding step does), and InternVL places the
+        features it holds."""
         if input_ids is None and inputs_embeds is None:
             raise ValueError("pass input_ids (or inputs_embeds)")
         image_outputs = (mm_encoder_outputs or {}).get("image")
-        has_image_tokens = input_ids is not None and bool((input_ids == self.config.image_token_id).any())
-        if has_image_tokens and pixel_values is None and image_outputs is None:
-            raise ValueError(
-                "input_ids contain <IMG_CONTEXT> image tokens but no pixel_values were given; pass the processor's "
-                "pixel_values (or remove the image tokens)"
-            )
         if pixel_values is not None and image_outputs is None:
             image_outputs = self.get_image_features(pixel_values, return_dict=True)
+        # Without image features, <IMG_CONTEXT> tokens are text, as in transformers' InternVL (a generated one, or
+        # the prefill of an assistant model in assisted decoding, which gets no image inputs).
         tiles = None
-        if image_outputs is not None and input_ids is not None:
+        if image_outputs is not None and input_ids is not None and needs_tiles:
+            counts = (input_ids == self.config.image_token_id).sum(1)
+            if generating and bool((counts % self.config.tokens_per_tile).any()):
+                return image_outputs, None
+            image_outputs = self._align_expanded_image_outputs(input_ids, image_outputs)
             tiles = self.tiles_per_sample(input_ids)
             n_tiles = image_outputs.pooler_output.shape[0]
             if int(tiles.sum()) != n_tiles:
@@ -558,10 +573,26 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
                 )
         return image_outputs, tiles
 
+    def _align_expanded_image_outputs(self, input_ids, image_outputs):
+        """`generate` with beams or `num_return_sequences` repeats each sample E times in `input_ids` and expands the
+        projected image tokens (`pooler_output`) to match, but not the ViT states the DSFF decoder reads; expand
+        those the same way: expanded sample j has the tiles of original sample j // E."""
+        vit, pooled = image_outputs.last_hidden_state, image_outputs.pooler_output
+        if vit is None or vit.shape[0] == pooled.shape[0]:
+            return image_outputs
+        if pooled.shape[0] % vit.shape[0]:
+            raise ValueError(f"{pooled.shape[0]} projected image tiles for {vit.shape[0]} ViT tiles")
+        times = pooled.shape[0] // vit.shape[0]
+        tiles = self.tiles_per_sample(input_ids).tolist()
+        originals = tiles[::times]
+        starts = [sum(originals[:b]) for b in range(len(originals))]
+        index = [starts[j // times] + t for j, n in enumerate(tiles) for t in range(n)]
+        aligned = type(image_outputs)(**dict(image_outputs))
+        aligned.last_hidden_state = vit[torch.tensor(index, device=vit.device)]
+        return aligned
+
     @staticmethod
     def _check_mask_inputs(has_seg: bool, image_outputs, first_step: bool, masks) -> None:
-        if has_seg and image_outputs is None and first_step:
-            raise ValueError("the text has [SEG] tokens but no image to segment")
         if masks is not None and image_outputs is None:
             raise ValueError("masks were given but there is no image (pixel_values) to predict them from")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from transformers import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessorMixin
 
 from .configuration_mllmseg import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, token_id_fields
 from .conversation_mllmseg import (
@@ -21,6 +21,7 @@ from .conversation_mllmseg import (
     INTERNVL_SYSTEM_MESSAGE,
     evaluation_prompt,
     expand_image_placeholders,
+    MarkedText,
     is_marked,
     mark_user_text,
     placeholders_outside_user_text,
@@ -121,6 +122,12 @@ class MLLMSegProcessor(ProcessorMixin):
         first = tokenizer("a", add_special_tokens=False)["input_ids"][:1]
         self._prefixes_space = bool(first) and str(tokenizer.convert_ids_to_tokens(first[0])).startswith("\u2581")
 
+    # Everything `__call__` returns that the model takes (or post-processing needs).
+    model_input_names = ["input_ids", "attention_mask", "pixel_values", "num_tiles", "tile_grids", "original_sizes"]
+    # Image-processor keywords `__call__` routes to the image processor (also inside `images_kwargs=`).
+    IMAGE_KWARGS = ("tiling", "min_tiles", "max_tiles", "use_thumbnail", "do_resize", "do_rescale", "do_normalize",
+                    "image_mean", "image_std", "resample", "rescale_factor", "do_convert_rgb")
+
     @classmethod
     def from_args_and_dict(cls, args, processor_dict: dict, **kwargs):
         """Loading a saved processor. A `processor_config.json` without `prompt_format` was written before the BOS
@@ -152,11 +159,24 @@ class MLLMSegProcessor(ProcessorMixin):
         (tokens_per_tile * num_tiles[i]) + `</img>`."""
         return expand_image_placeholders(text, [self.image_tokens(n) for n in num_tiles])
 
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """Placeholder tokens per image of the given (height, width) sizes, for serving integrations:
+        `<img>` + `<IMG_CONTEXT>` x tokens_per_tile per tile + `</img>`, tiles as the image processor cuts them
+        (image-processor keywords such as `tiling` / `max_tiles` apply)."""
+        data = {}
+        if image_sizes is not None:
+            image_kwargs = {k: v for k, v in kwargs.items() if k in self.IMAGE_KWARGS}
+            patches = [self.image_processor.get_number_of_image_patches(int(h), int(w), image_kwargs)
+                       for h, w in image_sizes]
+            data = {"num_image_tokens": [2 + self.tokens_per_tile * n for n in patches], "num_image_patches": patches}
+        return MultiModalData(**data)
+
     @staticmethod
     def segmentation_prompt(expressions: list[str], no_target: list[bool] | None = None) -> tuple[str, str]:
         """The reference evaluation conversation (question, answer) over `expressions`, each escaped as user text;
         `[REJ]` in the slots of `no_target` expressions."""
-        return evaluation_prompt([mark_user_text(e) for e in expressions], no_target)
+        question, answer = evaluation_prompt([mark_user_text(e) for e in expressions], no_target)
+        return MarkedText(question), MarkedText(answer)
 
     def _marked_conversation(self, question: str, answer: str | None, history, system_message: str | None) -> str:
         """The conversation with user text marked for escaping (questions unless already marked)."""
@@ -258,6 +278,11 @@ class MLLMSegProcessor(ProcessorMixin):
         padding_side: str = "right",
         history: list[list[tuple[str, str]]] | None = None,
         num_tiles: list[list[int]] | None = None,
+        return_tensors: str | None = "pt",
+        padding: bool | str = True,
+        truncation: bool | None = None,
+        images_kwargs: dict | None = None,
+        text_kwargs: dict | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Tile the images and tokenize one conversation per text.
@@ -275,10 +300,43 @@ class MLLMSegProcessor(ProcessorMixin):
             num_tiles (*optional*): per text, the tile count of each of its `<image>` placeholders, for callers that
                 tile themselves (InternVL's `chat(pixel_values=...)`); with `images` it comes from the tiling.
 
+        Keywords as transformers processors take them: `return_tensors` (`"pt"`, the default, or `"np"`),
+        `padding` (`True` / `"longest"`; `False` for one text), `truncation` (refused: cutting a conversation would cut
+        image tokens or the answer; `max_length` refuses long ones instead), image-processor keywords (`min_tiles`,
+        `use_thumbnail`, `do_normalize`, ... directly or in `images_kwargs=`), `text_kwargs=` (`max_length`,
+        `padding_side`). Any other keyword is an error naming it.
+
         Returns a `BatchFeature` with `input_ids` `(N, L)`, `attention_mask` `(N, L)`, `labels` (with answers),
         and with images `pixel_values` `(tiles, 3, S, S)`, `num_tiles` `(N,)`, `tile_grids` `(N, 2)` and
         `original_sizes` `(N, 2)`.
         """
+        image_kwargs = dict(images_kwargs or {})
+        image_kwargs.update({k: kwargs.pop(k) for k in list(kwargs) if k in self.IMAGE_KWARGS})
+        for key, value in dict(text_kwargs or {}).items():
+            if key == "max_length":
+                max_length = value
+            elif key == "padding_side":
+                padding_side = value
+            elif key == "padding":
+                padding = value
+            else:
+                raise TypeError(f"MLLMSegProcessor: unknown text keyword {key!r} (text_kwargs takes max_length, padding, "
+                                "padding_side)")
+        if kwargs:
+            raise TypeError(f"MLLMSegProcessor: unknown keyword(s) {sorted(kwargs)}; image-processor keywords are "
+                            f"{list(self.IMAGE_KWARGS)}")
+        if truncation:
+            raise ValueError("truncation is not supported: it would cut image tokens or the answer; pass max_length to "
+                             "refuse long conversations instead")
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        if padding not in (True, False, "longest"):
+            raise ValueError(f"padding must be True, False or 'longest', got {padding!r} (fixed-length padding would add "
+                             "nothing the model uses)")
+        if images is None and text is None:
+            raise ValueError("pass text (the questions) and/or images; got neither")
+        if images is not None and text is None:
+            text = [""] * (len(images) if isinstance(images, (list, tuple)) else 1)
         texts = [text] if isinstance(text, str) else list(text or [])
         answer_list = [answers] if isinstance(answers, str) else (list(answers) if answers is not None else None)
         image_features = {}
@@ -286,7 +344,7 @@ class MLLMSegProcessor(ProcessorMixin):
             image_list = images if isinstance(images, (list, tuple)) else [images]
             if len(image_list) != len(texts):
                 raise ValueError(f"got {len(image_list)} images for {len(texts)} texts; give one text per image")
-            proc_kwargs = {"return_tensors": "pt"}
+            proc_kwargs = {**image_kwargs, "return_tensors": "pt"}
             if tiling is not None:
                 proc_kwargs["tiling"] = tiling
             if max_tiles is not None:
@@ -304,9 +362,10 @@ class MLLMSegProcessor(ProcessorMixin):
             marked_q = question if is_marked(question) else mark_user_text(question, keep_image_placeholders=True)
             turns = history[i] if history is not None else None
             if tiles and placeholders_outside_user_text(marked_q) + sum(
-                placeholders_outside_user_text(mark_user_text(q, True)) for q, _ in (turns or [])
+                placeholders_outside_user_text(q if is_marked(q) else mark_user_text(q, True)) for q, _ in (turns or [])
             ) == 0:
                 marked_q = IMAGE_PLACEHOLDER + "\n" + marked_q
+            marked_q = MarkedText(marked_q)
             prompt = self.expand_image_placeholders(self._marked_conversation(marked_q, None, turns, system_message), tiles)
             prompts.append(self.encode_text(prompt))
             if answer_list is not None:
@@ -315,6 +374,8 @@ class MLLMSegProcessor(ProcessorMixin):
 
         sequences = fulls if answer_list is not None else prompts
         self._check_length(sequences, max_length)
+        if padding is False and len({len(seq) for seq in sequences}) > 1:
+            raise ValueError("padding=False needs conversations of one length; these differ (use padding=True)")
         encoded = self.pad(sequences, padding_side)
         if answer_list is not None:
             # Loss on the answer and its closing "<|im_end|>" + newline, the way InternVL2.5 preprocessing labels a turn.
@@ -324,7 +385,7 @@ class MLLMSegProcessor(ProcessorMixin):
                 labels[i, : offset + len(prompt)] = IGNORE_INDEX
             labels[encoded["attention_mask"] == 0] = IGNORE_INDEX
             encoded["labels"] = labels
-        return BatchFeature({**encoded, **image_features})
+        return BatchFeature({**encoded, **image_features}, tensor_type="np" if return_tensors == "np" else None)
 
     # -- outputs --------------------------------------------------------------------------------------------------
     def trim_answer(self, token_ids) -> list[int]:

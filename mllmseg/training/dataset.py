@@ -18,6 +18,7 @@ from PIL import Image
 from ..remote_code.conversation_mllmseg import (
     MAX_EXPRESSIONS_PER_SAMPLE,
     evaluation_prompt,
+    MarkedText,
     mark_user_text,
     training_prompt,
 )
@@ -87,6 +88,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             question, answer = evaluation_prompt(marked, empty)
         else:
             question, answer = training_prompt(marked, empty, rng)
+        question, answer = MarkedText(question), MarkedText(answer)
         seg_masks = [torch.from_numpy(np.asarray(r.mask, dtype=bool)) for r, e in zip(picked, empty) if not e]
         image = sample.image
         if self.jpeg_prob and rng.random() < self.jpeg_prob:

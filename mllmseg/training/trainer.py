@@ -323,11 +323,36 @@ def save_final(trainer, processor, output_dir: str) -> str:
     return final
 
 
+def _remove_stale_trash(out: str) -> None:
+    """A kill during checkpoint rotation can leave `.staging/checkpoint-N.deleting`; finish deleting it."""
+    staging = Path(out, STAGING_DIR)
+    for trash in staging.glob("*.deleting"):
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _finished_summary(out: str, max_steps: int) -> dict | None:
+    """The summary of a run that already reached `max_steps` with its `final/` saved, else None."""
+    summary_path = Path(out, "train_summary.json")
+    if max_steps is None or max_steps <= 0 or not summary_path.is_file() or not Path(out, FINAL_DIR).is_dir():
+        return None
+    summary = json.loads(summary_path.read_text())
+    return summary if int(summary.get("global_step", -1)) >= max_steps else None
+
+
 def run_training(recipe: dict[str, Any], output_dir: str | None = None, resume: bool | str | None = None,
                  callbacks=None) -> dict[str, Any]:
-    """Train from a recipe; `resume=None` resumes when the output folder already holds a checkpoint."""
+    """Train from a recipe; `resume=None` resumes when the output folder already holds a checkpoint. A run whose
+    `final/` and summary already cover `max_steps` is not trained again: it says so and returns its summary."""
     trainer, processor, info = build_trainer(recipe, output_dir, callbacks=callbacks)
     out = info["output_dir"]
+    if trainer.args.should_save:
+        _remove_stale_trash(out)
+    done = _finished_summary(out, trainer.args.max_steps)
+    if done is not None:
+        if trainer.is_world_process_zero():
+            print(f"{out}: already trained to step {done['global_step']} (max_steps {trainer.args.max_steps}); "
+                  f"{done['final']} is up to date, nothing to do. Use another --output-dir to train again.")
+        return {**done, "trainer": trainer, "processor": processor}
     if resume is None:
         resume = os.path.isdir(out) and get_last_checkpoint(out) is not None
     if trainer.is_world_process_zero():

@@ -1,0 +1,136 @@
+"""Property-based fuzzing (hypothesis) of what users hand the package: images of every mode, size and array layout,
+expression and question strings with special-token text, annotation polygons, and `segment`'s arguments.
+
+Invariants: nothing fails except with the project's own errors (`ImageLoadError`, `BadSegmentationError`, or a
+`ValueError` / `TypeError` naming the argument); masks come back at the image's size; one result per expression;
+user text never becomes a control token.
+
+Bounded and seeded for CI (`derandomize=True`, the `ci` profile); `HYPOTHESIS_PROFILE=long` runs 20x more examples
+by hand.
+"""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from mllmseg.data.masks import BadSegmentationError, decode_segmentation
+from mllmseg.remote_code.image_processing_mllmseg import ImageLoadError, load_image
+from mllmseg.tiny import build_processor, build_tiny_model
+
+settings.register_profile("ci", max_examples=25, derandomize=True, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile("long", max_examples=500, derandomize=True, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+settings.load_profile(PROFILE)
+
+CONTROL = ["[SEG]", "[REJ]", "<|im_end|>", "<|im_start|>", "<IMG_CONTEXT>", "<img>", "</img>", "<image>", "\n",
+           "<|endoftext|>", "\ue000", "\ue001", "assistant\n", ":", ",", "."]
+text = st.lists(st.one_of(st.sampled_from(CONTROL), st.text(min_size=0, max_size=6)), min_size=0, max_size=6).map("".join)
+MODES = ["1", "L", "P", "RGB", "RGBA", "LA", "PA", "I;16", "I", "F", "CMYK", "YCbCr", "RGBX", "La", "RGBa"]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+    model, tok = build_tiny_model(seed=0)
+    return model, tok, build_processor(tok, model.config)
+
+
+@st.composite
+def pil_images(draw):
+    w, h = draw(st.integers(1, 160)), draw(st.integers(1, 160))
+    seed = draw(st.integers(0, 2**16))
+    rgb = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    mode = draw(st.sampled_from(MODES))
+    try:
+        return rgb.convert(mode)
+    except ValueError:  # a mode Pillow cannot convert to from RGB directly
+        return rgb.convert("L").convert(mode)
+
+
+@st.composite
+def arrays(draw):
+    h, w = draw(st.integers(1, 64)), draw(st.integers(1, 64))
+    layout = draw(st.sampled_from(["HW", "HW1", "HW3", "HW4", "3HW", "1HW"]))
+    dtype = draw(st.sampled_from([np.uint8, np.uint16, np.float32, np.bool_, np.int64, np.float64]))
+    shape = {"HW": (h, w), "HW1": (h, w, 1), "HW3": (h, w, 3), "HW4": (h, w, 4), "3HW": (3, h, w), "1HW": (1, h, w)}[layout]
+    values = np.random.default_rng(draw(st.integers(0, 999))).random(shape)
+    if dtype in (np.uint8, np.uint16, np.int64):
+        values = values * (255 if dtype == np.uint8 else 65535)
+    return values.astype(dtype), (h, w)
+
+
+@given(pil_images())
+def test_any_pil_image_loads_as_rgb_of_its_size(image):
+    out = load_image(image)
+    assert out.mode == "RGB" and out.size == image.size
+
+
+@given(arrays())
+def test_any_array_loads_or_is_refused_clearly(case):
+    array, (h, w) = case
+    try:
+        out = load_image(array)
+    except ImageLoadError as error:
+        assert str(error)  # a reason, not an empty message
+        return
+    # A channels-first array whose last axis could also be channels ((3, H, 1), (1, H, 4), ...) is ambiguous:
+    # NumPy arrays are read channels-last then, as the loader documents.
+    ambiguous = array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] in (1, 3, 4)
+    assert out.mode == "RGB" and (out.size == (w, h) or (ambiguous and out.size == (array.shape[1], array.shape[0])))
+
+
+@given(question=text)
+def test_questions_never_produce_control_tokens(tiny_setup, question):
+    _, tok, proc = tiny_setup
+    ids = proc(text=[question])["input_ids"][0].tolist()
+    count = {t: ids.count(tok.convert_tokens_to_ids(t)) for t in ("<|im_start|>", "<|im_end|>", "[SEG]", "[REJ]",
+                                                                    "<IMG_CONTEXT>", "<img>")}
+    assert count == {"<|im_start|>": 3, "<|im_end|>": 2, "[SEG]": 0, "[REJ]": 0, "<IMG_CONTEXT>": 0, "<img>": 0}
+
+
+@given(expressions=st.lists(text.filter(lambda e: e.strip().strip(".")), min_size=1, max_size=3),
+       w=st.integers(1, 90), h=st.integers(1, 90), mode=st.sampled_from(["fast", "generate"]))
+def test_segment_gives_one_result_per_expression_at_the_image_size(tiny_setup, expressions, w, h, mode):
+    model, tok, proc = tiny_setup
+    image = Image.new("RGB", (w, h), (200, 30, 30))
+    result = model.segment(proc, image, expressions, mode=mode, max_new_tokens=3)
+    assert result.masks.shape == (len(expressions), h, w) and result.masks.dtype == torch.bool
+    assert result.boxes.shape == (len(expressions), 4) and len(result.rejected) == len(expressions)
+
+
+coordinate = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.integers(-10**9, 10**9))
+
+
+@given(polygons=st.lists(st.lists(coordinate, min_size=0, max_size=12), min_size=0, max_size=3),
+       h=st.integers(1, 60), w=st.integers(1, 60))
+def test_any_polygon_decodes_or_is_refused_naming_it(polygons, h, w):
+    try:
+        mask = decode_segmentation(polygons, h, w)
+    except BadSegmentationError as error:
+        assert "polygon" in str(error)
+        return
+    assert mask.shape == (h, w) and mask.dtype == bool
+    flat = [v for p in polygons for v in p]
+    assert all(math.isfinite(v) for v in flat)
+
+
+@given(batch_size=st.one_of(st.integers(-3, 4), st.floats(allow_nan=True), st.none(), st.booleans()),
+       threshold=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, 2), st.none()),
+       mode=st.sampled_from(["fast", "generate", "beam", ""]), tiling=st.sampled_from([None, "single", "dynamic", "x"]))
+def test_segment_arguments_are_accepted_or_refused_by_name(tiny_setup, batch_size, threshold, mode, tiling):
+    model, tok, proc = tiny_setup
+    image = Image.new("RGB", (40, 30), (0, 0, 200))
+    try:
+        results = model.segment(proc, [image, image], [["the blue square"], ["a", "b"]], mode=mode, tiling=tiling,
+                                batch_size=batch_size, threshold=threshold, max_new_tokens=2)
+    except (ValueError, TypeError) as error:
+        names = ("batch_size", "threshold", "mode", "tiling")
+        assert any(name in str(error) for name in names), str(error)
+        return
+    assert [r.masks.shape for r in results] == [(1, 30, 40), (2, 30, 40)]
