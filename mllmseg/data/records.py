@@ -98,6 +98,12 @@ def xywh_to_xyxy(box):
     return np.concatenate([box[..., :2], box[..., :2] + box[..., 2:]], axis=-1)
 
 
+def as_bool_mask(mask) -> np.ndarray:
+    """Bool view of a mask; non-bool inputs (probabilities or {0, 1}) are thresholded at > 0.5."""
+    mask = np.asarray(mask)
+    return mask if mask.dtype == bool else mask > 0.5
+
+
 def box_from_mask(mask) -> np.ndarray:
     """Tight box of a mask: ``[..., H, W]`` -> ``[..., 4]`` float ``[x0, y0, x1, y1]``.
 
@@ -105,8 +111,7 @@ def box_from_mask(mask) -> np.ndarray:
     min/max row index of the true pixels (a single pixel at row r, column c gives ``[c, r, c, r]``), as the reference
     evaluation boxes a predicted mask. An empty mask gives ``[0, 0, 0, 0]``. Non-bool masks are thresholded at > 0.5.
     """
-    mask = np.asarray(mask)
-    mask = mask if mask.dtype == bool else mask > 0.5
+    mask = as_bool_mask(mask)
     cols, rows = mask.any(axis=-2), mask.any(axis=-1)  # [..., W], [..., H]
     w, h = cols.shape[-1], rows.shape[-1]
     x0, x1 = cols.argmax(-1), w - 1 - cols[..., ::-1].argmax(-1)

@@ -29,15 +29,9 @@ from typing import Any, Dict, Iterable, Optional
 
 import numpy as np
 
-from ..data.records import box_from_mask, xywh_to_xyxy  # noqa: F401  (xywh_to_xyxy re-exported: callers of the metrics use it)
+from ..data.records import as_bool_mask, box_from_mask, xywh_to_xyxy  # noqa: F401  (xywh_to_xyxy re-exported: callers of the metrics use it)
 
 _SCALARS = ("inter", "union", "iou_sum", "n_expr", "rec_hits", "n_rec", "nt_tp", "nt_fn", "t_tn", "t_fp")
-
-
-def _as_bool_mask(mask) -> np.ndarray:
-    """Bool view of a mask; non-bool inputs (probabilities or {0, 1}) are thresholded at > 0.5."""
-    mask = np.asarray(mask)
-    return mask if mask.dtype == bool else mask > 0.5
 
 
 def box_iou(a, b) -> np.ndarray:
@@ -135,7 +129,7 @@ class ReferringMetrics:
             pred_rejected: GRES only: whether ``[REJ]`` was predicted. ``None`` = plain RES (no N-acc/T-acc).
             no_target: override of "GT is empty" (must agree with an empty ``gt_mask`` when True).
         """
-        gt, pred = _as_bool_mask(gt_mask), _as_bool_mask(pred_mask)
+        gt, pred = as_bool_mask(gt_mask), as_bool_mask(pred_mask)
         if gt.shape != pred.shape or gt.ndim != 2:
             raise ValueError(f"gt_mask {gt.shape} and pred_mask {pred.shape} must be the same [H, W]")
         gt_empty = not gt.any()

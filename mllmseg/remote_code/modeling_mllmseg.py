@@ -485,7 +485,8 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
         has_seg = input_ids is not None and seg_id is not None and bool((input_ids == seg_id).any())
         image_outputs, tiles = self._image_inputs(input_ids, inputs_embeds, pixel_values, mm_encoder_outputs,
                                                   needs_tiles=has_seg or masks is not None, generating=cache is not None)
-        self._check_mask_inputs(has_seg, image_outputs, first_step, masks)
+        if masks is not None and image_outputs is None:
+            raise ValueError("masks were given but there is no image (pixel_values) to predict them from")
         dual_pass = (
             self.mask_decoder.dual_pass and has_seg and image_outputs is not None and first_step
             and (attention_mask is None or attention_mask.dim() == 2)
@@ -590,11 +591,6 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
         aligned = type(image_outputs)(**dict(image_outputs))
         aligned.last_hidden_state = vit[torch.tensor(index, device=vit.device)]
         return aligned
-
-    @staticmethod
-    def _check_mask_inputs(has_seg: bool, image_outputs, first_step: bool, masks) -> None:
-        if masks is not None and image_outputs is None:
-            raise ValueError("masks were given but there is no image (pixel_values) to predict them from")
 
     def _losses(self, logits, labels, pred_masks, masks, low_res_masks, hidden, **kwargs):
         """(loss, lm_loss, mask_loss): `lm_loss_weight * CE` over `labels` plus the mask loss over `masks`."""
