@@ -46,10 +46,11 @@ class MLLMSegInferenceMixin:
     def _image_outputs(self, pixel_values):
         return self.get_image_features(pixel_values.to(self.device, self.dtype), return_dict=True)
 
-    def _generate_with_states(self, input_ids, attention_mask, image_outputs, generation_config: dict):
+    def _generate_with_states(self, input_ids, attention_mask, image_outputs, generation_config: dict,
+                              record: bool = True):
         """Greedy/sampled generation that also returns the final hidden state of every position
         `(B, L_prompt + new - 1, T)`; image features are computed once, outside `generate`."""
-        recorder = _FinalStateRecorder(self.model.language_model)
+        recorder = _FinalStateRecorder(self.model.language_model) if record else None  # no masks wanted: no states
         try:
             sequences = self.generate(
                 input_ids=input_ids,
@@ -57,9 +58,10 @@ class MLLMSegInferenceMixin:
                 mm_encoder_outputs={"image": image_outputs} if image_outputs is not None else None,
                 **generation_config,
             )
-            states = recorder.sequence_states()
+            states = recorder.sequence_states() if recorder is not None else None
         finally:
-            recorder.close()
+            if recorder is not None:
+                recorder.close()
         return sequences, states
 
     def _masks_from_states(self, sequences, states, image_outputs, tile_grids, prompt_attention_mask=None,
@@ -251,14 +253,15 @@ class MLLMSegInferenceMixin:
         config = self._generation_settings(processor, generation_config)
         ids, attention = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         image_outputs = self._image_outputs(pixel_values) if pixel_values is not None else None
-        sequences, states = self._generate_with_states(ids, attention, image_outputs, config)
+        want_masks = return_masks and image_outputs is not None
+        sequences, states = self._generate_with_states(ids, attention, image_outputs, config, record=want_masks)
         new_tokens = sequences[:, ids.shape[1] :]
         responses = [processor.decode_answer(row) for row in new_tokens.tolist()]
         if verbose:
             for text in responses:
                 print(text)
         masks = None
-        if return_masks and image_outputs is not None:
+        if want_masks:
             if bool((new_tokens == self.config.seg_token_id).any()):
                 masks = self._masks_from_states(sequences, states, image_outputs, tile_grids, attention,
                                                 config["eos_token_id"], reordered=int(config.get("num_beams", 1)) > 1)
