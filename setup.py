@@ -33,7 +33,11 @@ setup(
     ],
     extras_require={
         # gradio + playwright: the web demo's browser test (it drives the system's Chromium, none is downloaded).
-        "test": ["pytest>=8", "scikit-image>=0.24", "gradio>=5", "playwright>=1.40", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "scikit-image>=0.24", "gradio>=5", "playwright>=1.40", "hypothesis>=6.100",
+                 "sentencepiece>=0.2.0", "protobuf>=3.20.3"],
+        # Converting a sentencepiece-only tokenizer (InternLM2-based releases: InternVL2.5-2B/8B) to a fast one;
+        # transformers reads the model with sentencepiece's protobuf schema.
+        "sentencepiece": ["sentencepiece>=0.2.0", "protobuf>=3.20.3"],
         "demo": ["gradio>=5"],
         "deepspeed": ["deepspeed>=0.16"],
         "flash": ["flash-attn>=2.6"],

@@ -34,6 +34,32 @@ def proc_status_kib(field: str) -> int:
     raise KeyError(field)
 
 
+def peak_rss_rise_mib(fn) -> tuple[float, object]:
+    """(MiB, result): the rise of this process's peak resident memory while `fn()` runs, i.e. `VmHWM` after it minus
+    `VmRSS` before it, the peak being reset first through `/proc/self/clear_refs`. Counts every byte the call
+    touches (activations, oneDNN scratch, allocator slack), which tracemalloc cannot see for torch tensors. Run it
+    in a fresh process per measurement ([`child_json`]) so that earlier calls' freed memory does not hide the peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    before = proc_status_kib("VmRSS")
+    result = fn()
+    return (proc_status_kib("VmHWM") - before) / 1024, result
+
+
+def child_json(script: str, function: str, *args) -> dict:
+    """`function(*args)` of benchmarks/`script` run in a fresh Python process; its JSON-able return value."""
+    import json
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys, json; sys.path.insert(0, {here!r}); from {script} import {function}; "
+            f"print(json.dumps({function}(*{list(args)!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{script}.{function}{tuple(args)} failed in its subprocess:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def machine() -> str:
     import torch
 
@@ -97,11 +123,12 @@ def random_image(width: int = 640, height: int = 480, seed: int = 0):
 
 
 def mid_model(quick: bool = False, seed: int = 0):
-    """A random MLLMSeg model of the mid-sized config (or the quick one) and its processor (no system message)."""
+    """A random MLLMSeg model of the mid-sized config (or the quick one) and its processor, with the InternVL2.5
+    system message real checkpoints use (the processor's default)."""
     from mllmseg.tiny import build_processor, build_tiny_model
 
     model, tokenizer = build_tiny_model(seed=seed, **(QUICK_CONFIG if quick else MID_CONFIG))
-    processor = build_processor(tokenizer, model.config, system_message="")
+    processor = build_processor(tokenizer, model.config)
     return model.eval(), processor
 
 

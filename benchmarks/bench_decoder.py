@@ -20,15 +20,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import subprocess
-import sys
 import time
 
 import torch
 
-from _common import QUICK_CONFIG, machine, median, proc_status_kib, single_thread
+from _common import QUICK_CONFIG, child_json, machine, median, peak_rss_rise_mib, single_thread
 
 from mllmseg.remote_code.mask_decoder_mllmseg import DSFFMaskDecoder
 
@@ -76,19 +72,12 @@ def memory_child(dtype_name: str, masks: int) -> dict:
     single_thread()
     dtype = getattr(torch, dtype_name)
     decoder, vit, llm, seg = decoder_and_inputs(dtype, masks)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-    before = proc_status_kib("VmRSS")
-    out = run_decoder(decoder, vit, llm, seg)
-    after = proc_status_kib("VmHWM")
-    return {"peak_rise_mib": (after - before) / 1024, "out": list(out.shape)}
+    rise, out = peak_rss_rise_mib(lambda: run_decoder(decoder, vit, llm, seg))
+    return {"peak_rise_mib": rise, "out": list(out.shape)}
 
 
 def measure_memory(dtype_name: str, masks: int) -> float:
-    code = (f"import sys, json; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-            f"from bench_decoder import memory_child; print(json.dumps(memory_child({dtype_name!r}, {masks})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rise_mib"]
+    return child_json("bench_decoder", "memory_child", dtype_name, masks)["peak_rise_mib"]
 
 
 def part_a(repeats: int):
@@ -155,7 +144,7 @@ def part_b(repeats: int, max_tiles: int):
 
     single_thread()
     model, tokenizer = build_tiny_model(seed=0, **QUICK_CONFIG)
-    processor = build_processor(tokenizer, model.config, system_message="")
+    processor = build_processor(tokenizer, model.config)  # InternVL2.5 system message
     size = model.config.image_size
     cases = []
     for n in range(1, max_tiles + 1):

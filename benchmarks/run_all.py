@@ -1,12 +1,12 @@
 """Run every benchmark, one after the other, each in its own process, and print a summary of the ratios.
 
-    .venv/bin/python benchmarks/run_all.py            # the figures of benchmarks/RESULTS.md (about 10 minutes on 2 cores)
-    .venv/bin/python benchmarks/run_all.py --quick    # smaller models, fewer repeats (about 3-4 minutes)
+    .venv/bin/python benchmarks/run_all.py            # the figures of benchmarks/RESULTS.md (about 25 minutes on 2 cores)
+    .venv/bin/python benchmarks/run_all.py --quick    # smaller models, fewer repeats (about 5-6 minutes)
     .venv/bin/python benchmarks/run_all.py --only packed generate
 
 Each script times ours and the alternative interleaved in one process and prints its figures; a line starting
 with `RESULT` carries the headline numbers, collected here. The exit status is non-zero if a script fails (its
-equality checks included).
+equality checks included). The GPU benchmark (`gpu.sh` / `bench_gpu.py`) is not part of it: it needs a GPU.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ BENCHMARKS = {  # name: (script, extra arguments for --quick)
     "trainable": ("bench_trainable_8b.py", []),
     "decoder": ("bench_decoder.py", ["--quick"]),
     "training": ("bench_training.py", ["--quick"]),
+    "real_size": ("bench_real_size.py", ["--quick"]),
 }
 
 

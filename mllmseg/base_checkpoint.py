@@ -3,11 +3,14 @@
 That is what `InternVLForConditionalGeneration.save_pretrained` writes (e.g. the `OpenGVLab/InternVL*-hf` releases):
 keys either in transformers' legacy names (`language_model.model.*`, `language_model.lm_head.*`, `vision_tower.*`,
 `multi_modal_projector.*`, what `save_pretrained` writes by default) or in the native ones (`model.*`, `lm_head.*`).
-Original-layout InternVL checkpoints (`vision_model.*`, `mlp1.*`) go through `mllmseg convert-upstream` instead.
+Original-layout InternVL checkpoints (`InternVLChatModel`: `llm_config`, `vision_model.*`, `mlp1.*`) go through
+`mllmseg convert-internvl` instead (`mllmseg convert-upstream` for MLLMSeg releases, which add `res_decoder.*`).
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+import json
 
 import torch
 from transformers import AutoConfig, AutoTokenizer
@@ -65,15 +68,34 @@ def set_chat_generation_defaults(model, tokenizer) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
+def _refuse_original_layout(base: str | Path) -> None:
+    """An original-layout folder (InternVLChatConfig: `llm_config`, `auto_map` to the release's own code) would make
+    `AutoConfig` ask to run that code; say which converter reads it instead."""
+    path = Path(base) / "config.json"
+    if not path.is_file():
+        return  # a Hub id, or no config: AutoConfig reports it
+    config = json.loads(path.read_text())
+    if "llm_config" in config or config.get("model_type") == "internvl_chat":
+        raise ValueError(
+            f"{path}: an original-layout InternVL checkpoint (model_type {config.get('model_type')!r}, llm_config, "
+            f"architectures {config.get('architectures')}); from_internvl reads the transformers layout (-hf). "
+            f"Convert it with `mllmseg convert-internvl {base} OUT` (a base) or `mllmseg convert-upstream {base} OUT` "
+            "(an MLLMSeg release with res_decoder weights)"
+        )
+
+
 def from_internvl(base: str | Path, tokenizer=None, **config_overrides):
     """Build `(model, tokenizer)`: every base weight kept (`lm_head` included), `[SEG]`/`[REJ]` added, new token
     rows at the mean of the old ones, the mask decoder initialised as the reference (xavier-uniform).
 
     Args:
-        base: a folder (or Hub id, when online) holding an InternVL checkpoint in the transformers layout.
+        base: a folder (or Hub id, when online) holding an InternVL checkpoint in the transformers layout
+            (`OpenGVLab/InternVL*-hf`). Original-layout folders (`InternVLChatModel`) are refused with a pointer to
+            `mllmseg convert-internvl`.
         tokenizer: use this tokenizer instead of the base's.
         config_overrides: `MLLMSegConfig` fields to set (loss weights, `seg_tiling`, ...).
     """
+    _refuse_original_layout(base)
     base_config = AutoConfig.from_pretrained(base)
     if base_config.model_type not in ("internvl", "mllmseg"):
         raise ValueError(f"{base}: expected an InternVL checkpoint (model_type 'internvl'), got {base_config.model_type!r}")

@@ -35,14 +35,16 @@ def load_model(model_path: str, dtype: str = "auto", cpu: bool = False, device=N
     return model, processor
 
 
-def read_image(path: str):
-    """The image as RGB through the image processor's own conversion, or a one-line error (missing, not an image,
-    truncated, ...)."""
-    from .remote_code.image_processing_mllmseg import load_image
+def read_image(path: str, max_pixels: int | None = None):
+    """The image at a file path or an http(s) URL as RGB, through the image processor's own loader (EXIF
+    orientation applied; URLs refused in offline mode, fetched with a timeout otherwise), or a one-line error
+    (missing, not an image, truncated, over Pillow's decompression-bomb limit or over `max_pixels`, checked on the
+    header before decoding)."""
+    from .remote_code.image_processing_mllmseg import is_url, load_image
 
-    if not Path(path).is_file():
+    if not is_url(path) and not Path(path).is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    return load_image(path)  # raises ImageLoadError (a ValueError) with the reason
+    return load_image(path, max_pixels=max_pixels)  # raises ImageLoadError (a ValueError) with the reason
 
 
 __all__ = ["check_model_path", "load_model", "read_image"]

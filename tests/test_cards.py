@@ -14,6 +14,17 @@ GRES = {"dataset": "grefcoco", "split": "val", "mode": "generate",
         "metrics": {"cIoU": 0.716, "gIoU_per_expression": 0.751, "gIoU_per_image": 0.74, "prec@0.5": None,
                     "N-acc": 0.732, "T-acc": 0.95, "n_expressions": 40}}
 
+SUMMARY = {"global_step": 1200, "train_loss": 0.43212, "base_model": "/data/bases/InternVL2_5-8B-mllmseg",
+           "trainable": {"trainable": 1000, "all": 9000, "mask_decoder": 900, "lora": 100},
+           "recipe": {"name": "res_test", "lora": {"r": 8, "alpha": 16, "dropout": 0.05},
+                      "data": {"train": [{"type": "refer", "dataset": "refcoco", "split": "train"},
+                                         {"type": "refer", "dataset": "refcoco+", "split": "train"},
+                                         {"type": "refer", "dataset": "refclef", "split": "train"},
+                                         {"type": "grefcoco", "split": "train"}]},
+                      "training": {"learning_rate": 4.0e-5, "lr_scheduler_type": "cosine", "warmup_ratio": 0.03,
+                                   "weight_decay": 0.05, "per_device_train_batch_size": 4,
+                                   "gradient_accumulation_steps": 2, "bf16": True, "gradient_checkpointing": True}}}
+
 
 def test_template_is_found_and_has_jinja_slots():
     text = template_path().read_text()
@@ -24,14 +35,15 @@ def test_template_is_found_and_has_jinja_slots():
 
 def test_card_metadata_and_model_index():
     card = build_model_card("org/MLLMSeg-InternVL2.5-8B", config=CONFIG, eval_results=[RES, GRES],
-                            base_model="OpenGVLab/InternVL2_5-8B", num_parameters=8_100_000_000)
+                            base_model="OpenGVLab/InternVL2_5-8B", num_parameters=8_100_000_000,
+                            training_summary=SUMMARY)
     reparsed = ModelCard(str(card))  # what the Hub would parse
     data = reparsed.data
     assert data.library_name == "transformers"
     assert data.pipeline_tag == "image-segmentation"
     assert data.base_model == "OpenGVLab/InternVL2_5-8B"
     assert data.license == "apache-2.0"
-    assert data.datasets == ["jxu124/refcocog"]
+    assert data.datasets == ["jxu124/refcoco", "jxu124/refcocoplus"]  # what it was trained on, not evaluated on
     assert "custom_code" in data.tags
     results = {(r.dataset_type, r.metric_type): r for r in data.eval_results}
     assert results[("jxu124/refcocog", "ciou")].metric_value == 79.9
@@ -52,11 +64,23 @@ def test_card_body_sections():
     assert "AutoProcessor.from_pretrained(repo, trust_remote_code=True)" in text
     assert 'model.segment(processor, image, ["the man in red", "all dogs"])' in text
     assert "model.chat(tokenizer, pixel_values" in text
-    assert "## Training recipe" in text and "LoRA r=64" in text
+    assert "No training record came with this release" in text and "LoRA r=64" not in text
+    assert "datasets" not in text.split("---")[1]  # evaluation sets are not training data
     assert "## Limitations" in text
     assert "arXiv:2508.04107" in text and "Light-weight Mask Decoder" in text
     assert "| RefCOCOg | val | fast | 79.90 | 81.23 | 80.50 | 90.00 | – | – | 28 |" in text
     assert "Base model | not recorded" in text and "base_model" not in text.split("---")[1]
+
+
+def test_training_section_describes_the_recorded_run():
+    text = str(build_model_card("org/m", config=CONFIG, training_summary=SUMMARY, training_notes="Two stages."))
+    section = text.split("## Training\n")[1].split("## Limitations")[0]
+    assert "recipe `res_test`) for 1200 optimiser steps; mean training loss 0.4321." in section
+    assert "RefCOCO (train); RefCOCO+ (train); RefCLEF (train); gRefCOCO (train)" in section
+    assert "LoRA r=8, alpha=16, dropout=0.05" in section and "1,000 of 9,000 parameters trained (mask_decoder 900" in section
+    assert "learning rate 4e-05, cosine schedule, warmup 3%, weight decay 0.05, batch 4 per device x 2" in section
+    assert "Precision: bf16; gradient checkpointing" in section and section.strip().endswith("Two stages.")
+    assert "SPEC" not in text  # no reference to a document a Hub reader cannot see
 
 
 def test_metrics_table_labels_both_giou_conventions():

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mllmseg.tiny import build_processor, build_tiny_model
-from mllmseg.visualize import blend, draw_overlay, mask_color
+from mllmseg.visualize import blend, draw_overlay, mask_color, mask_outline
 
 from .conftest import REPO_ROOT
 
@@ -250,8 +250,12 @@ def test_segment_writes_json_and_overlay_matching_the_model(checkpoints, runs):
     # first where they overlap) and whose other pixels are the image, boxes and labels aside ...
     plain = np.asarray(draw_overlay(checkpoints["pil"], expected, expressions, boxes=False, labels=False))
     once = blend(source, mask_color(0))
-    only0, only1 = masks[0] & ~masks[1], masks[1] & ~masks[0]
-    both, neither = masks[0] & masks[1], ~masks[0] & ~masks[1]
+    # every mask's outline in its own full colour (the later one's drawn last), so a covered mask stays visible
+    edge0, edge1 = mask_outline(masks[0]), mask_outline(masks[1])
+    assert (plain[edge1] == mask_color(1)).all() and (plain[edge0 & ~edge1] == mask_color(0)).all()
+    inside = ~(edge0 | edge1)
+    only0, only1 = masks[0] & ~masks[1] & inside, masks[1] & ~masks[0] & inside
+    both, neither = masks[0] & masks[1] & inside, ~masks[0] & ~masks[1]
     assert both.sum() > 1000 and neither.sum() > 1000
     np.testing.assert_array_equal(plain[both], blend(once, mask_color(1))[both])
     np.testing.assert_array_equal(plain[only0], once[only0])

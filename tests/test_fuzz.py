@@ -1,15 +1,17 @@
 """Property-based fuzzing (hypothesis) of what users hand the package: images of every mode, size and array layout,
-expression and question strings with special-token text, annotation polygons, and `segment`'s arguments.
+expression and question strings with special-token text, annotation polygons and rows, `segment`'s and the
+processor's arguments, and the `segment` command's arguments.
 
-Invariants: nothing fails except with the project's own errors (`ImageLoadError`, `BadSegmentationError`, or a
-`ValueError` / `TypeError` naming the argument); masks come back at the image's size; one result per expression;
-user text never becomes a control token.
+Invariants: nothing fails except with the project's own errors (`ImageLoadError`, `BadSegmentationError`,
+`BadRowError`, or a `ValueError` / `TypeError` naming the argument); masks come back at the image's size; one result
+per expression; user text never becomes a control token; the CLI writes nothing outside its output folder.
 
 Bounded and seeded for CI (`derandomize=True`, the `ci` profile); `HYPOTHESIS_PROFILE=long` runs 20x more examples
 by hand.
 """
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,3 +138,145 @@ def test_segment_arguments_are_accepted_or_refused_by_name(tiny_setup, batch_siz
         assert any(name in str(error) for name in names), str(error)
         return
     assert [r.masks.shape for r in results] == [(1, 30, 40), (2, 30, 40)]
+
+
+# ----------------------------------------------------------------------------------------------- processor API
+
+junk = st.one_of(st.none(), st.binary(max_size=8), st.integers(-3, 3), st.floats(allow_nan=True), text,
+                 st.lists(text, max_size=2), st.tuples(text), st.tuples(text, text))
+
+
+@given(texts=st.one_of(junk, st.lists(junk, min_size=1, max_size=3)),
+       answers=st.one_of(st.none(), junk, st.lists(junk, min_size=1, max_size=3)),
+       history=st.one_of(st.none(), st.lists(st.one_of(st.none(), st.lists(junk, max_size=2)), min_size=1, max_size=3)),
+       images=st.one_of(st.none(), st.lists(st.one_of(st.none(), st.integers(0, 2), st.sampled_from(["rgb", "empty",
+                                                                                                    "nan"])),
+                                            min_size=1, max_size=3)))
+def test_processor_arguments_work_or_are_refused_by_name(tiny_setup, texts, answers, history, images):
+    """Any mix of text / answers / history / images: a batch, or a ValueError / TypeError / ImageLoadError that
+    names the argument (and for list items their index)."""
+    _, tok, proc = tiny_setup
+    made = {"rgb": Image.new("RGB", (9, 7)), "empty": Image.new("RGB", (0, 4)),
+            "nan": np.full((4, 4, 3), np.nan, dtype=np.float32)}
+    image_arg = None if images is None else [made.get(i, i) if isinstance(i, str) else i for i in images]
+    try:
+        batch = proc(images=image_arg, text=texts, answers=answers, history=history)
+    except (ValueError, TypeError) as error:  # ImageLoadError is a ValueError
+        message = str(error)
+        assert any(name in message for name in ("text", "answers", "history", "images", "Image", "got neither")), \
+            message
+        return
+    assert batch["input_ids"].shape[0] == (1 if isinstance(texts, str) else len(texts))
+
+
+# ----------------------------------------------------------------------------------------------- annotation rows
+
+mask_values = st.one_of(
+    st.none(), st.integers(-2, 2), st.binary(max_size=6), text,
+    st.lists(st.lists(coordinate, max_size=10), max_size=2),  # polygons, good or bad
+    st.fixed_dictionaries({"size": st.lists(st.integers(-1, 40), max_size=3),
+                           "counts": st.one_of(text, st.lists(st.integers(-5, 200), max_size=6))}),  # RLE
+    st.tuples(st.integers(0, 12), st.integers(0, 12)).map(lambda s: np.ones(s, dtype=bool)),  # arrays of any size
+)
+
+
+@given(rows=st.lists(st.fixed_dictionaries({
+    "image": st.one_of(st.sampled_from(["pil", "missing.png"]), st.none(), st.integers(0, 3)),
+    "expression": st.one_of(text, st.none(), st.integers(), st.lists(st.one_of(text, st.none()), max_size=3)),
+    "mask": mask_values,
+}), min_size=1, max_size=3))
+def test_random_annotation_rows_load_or_fail_with_the_projects_errors(tmp_path_factory, rows):
+    """Random rows through the rows loader: a sample with one bool mask of the image's size per referent, or the
+    project's own errors (BadRowError / BadSegmentationError / BadRecordError, FileNotFoundError naming the path)."""
+    from mllmseg.data.records import BadRecordError
+    from mllmseg.data.rows import BadRowError, ReferringRowsDataset
+
+    image = Image.new("RGB", (12, 10), (10, 20, 30))
+    rows = [dict(row, image=image if row["image"] == "pil" else row["image"]) for row in rows]
+    root = tmp_path_factory.mktemp("rows")
+    try:
+        dataset = ReferringRowsDataset(rows, image_root=root)
+        samples = [dataset[i] for i in range(len(dataset))]
+    except (BadRowError, BadSegmentationError, BadRecordError) as error:
+        assert "row" in str(error) or "rows" in str(error), str(error)
+        return
+    except FileNotFoundError as error:
+        assert "missing.png" in str(error)
+        return
+    for sample in samples:
+        for referent in sample.referents:
+            mask = referent.mask
+            assert mask is None or (mask.shape == (10, 12) and mask.dtype == bool)
+
+
+# ----------------------------------------------------------------------------------------------- nothing written outside
+
+def _tree(*roots):
+    """Every file under `roots`: path -> (size, mtime_ns)."""
+    files = {}
+    for root in roots:
+        for path in Path(root).rglob("*"):
+            if path.is_file() or path.is_symlink():
+                stat = path.lstat()
+                files[path] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+@pytest.fixture(scope="module")
+def cli_checkpoint(tmp_path_factory):
+    from mllmseg.cli import main as cli_main  # noqa: F401  (the CLI's imports happen here, not in the property)
+
+    model, tok = build_tiny_model(seed=0)
+    folder = tmp_path_factory.mktemp("fuzz-cli") / "model"
+    model.save_pretrained(folder)
+    build_processor(tok, model.config).save_pretrained(folder)
+    return folder
+
+
+# Mostly valid arguments (so most runs load the model and write their outputs), some of every kind of mistake.
+good_expressions = st.lists(text.filter(lambda e: e.strip().strip(".") and not e.startswith("-")), min_size=1,
+                            max_size=3)
+
+
+@given(image=st.sampled_from(["photo.png"] * 5 + ["notes.png", "missing.png", "http://127.0.0.1:9/x.png"]),
+       expressions=st.one_of(good_expressions, good_expressions, good_expressions, st.lists(text, max_size=3)),
+       threshold=st.one_of(st.floats(0.05, 0.95), st.floats(0.05, 0.95), st.floats(0.05, 0.95),
+                           st.sampled_from(["nan", "-1", "2", "x"])),
+       tiling=st.sampled_from([None, "single", "dynamic"]), mode=st.sampled_from(["fast", "generate"]),
+       out=st.sampled_from(["overlay.png", "sub/dir/o.png", "overlay.jpg"]), with_json=st.booleans())
+def test_segment_cli_writes_nothing_outside_its_output_folder(cli_checkpoint, tmp_path_factory, monkeypatch, image,
+                                                              expressions, threshold, tiling, mode, out, with_json):
+    """`mllmseg segment` with random arguments, run in a fresh working folder with every cache (HF_HOME, the
+    transformers modules cache, XDG_CACHE_HOME, TMPDIR) in a watched temporary folder: it succeeds or exits 2, and
+    no file appears or changes anywhere watched except inside the output folder."""
+    from transformers.utils import hub as hf_hub
+
+    from mllmseg.cli import main as cli_main
+
+    cwd = tmp_path_factory.mktemp("cwd")
+    caches = tmp_path_factory.mktemp("caches")
+    for name in ("HF_HOME", "XDG_CACHE_HOME", "TMPDIR", "GRADIO_TEMP_DIR", "MPLCONFIGDIR"):
+        monkeypatch.setenv(name, str(caches / name.lower()))
+    make_shapes = Image.new("RGB", (40, 30), (200, 30, 30))
+    make_shapes.save(cwd / "photo.png")
+    (cwd / "notes.png").write_text("not an image")
+    monkeypatch.chdir(cwd)
+    out_dir = cwd / "out"
+    argv = ["segment", str(cli_checkpoint), image, *expressions, "--out", str(Path("out") / out),
+            f"--threshold={threshold}", "--mode", mode]
+    argv += ["--tiling", tiling] if tiling else []
+    argv += ["--json", "out/result.json"] if with_json else []
+    modules = Path(hf_hub.HF_MODULES_CACHE)  # where transformers copies remote code (fixed when it was imported)
+    watched = [cwd, caches, cli_checkpoint.parent, modules]
+    before = _tree(*watched)
+    try:
+        code = cli_main(argv)
+    except SystemExit as exit_:  # argparse's own usage errors (a bad float, an expression that looks like a flag)
+        code = exit_.code
+    assert code in (0, 2)
+    after = _tree(*watched)
+    changed = {p for p in after if before.get(p) != after[p]} | (set(before) - set(after))
+    outside = {p for p in changed if out_dir not in p.parents}
+    assert not outside, (argv, sorted(map(str, outside)))
+    if code == 0:
+        assert (out_dir / out).is_file()

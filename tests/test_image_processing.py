@@ -412,8 +412,10 @@ def test_saved_folder_loads_with_auto_class_and_standalone_file(tmp_path):
 
 def test_remote_file_imports_only_allowed_modules():
     source = (REPO_ROOT / "mllmseg" / "remote_code" / "image_processing_mllmseg.py").read_text()
+    # httpx fetches image URLs, as transformers' own `load_image` does (a dependency of transformers 5 through
+    # huggingface_hub, so every environment that runs the checkpoint has it).
     allowed = {"torch", "numpy", "PIL", "transformers", "__future__", "io", "os", "warnings", "collections",
-               "functools", "typing"}
+               "functools", "typing", "httpx"}
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             roots = {alias.name.split(".")[0] for alias in node.names}
@@ -424,3 +426,48 @@ def test_remote_file_imports_only_allowed_modules():
             continue
         assert roots <= allowed, roots
         assert "torchvision" not in roots and "mllmseg" not in roots
+
+
+@pytest.mark.parametrize("size", [(0, 0), (0, 5), (7, 0)])
+def test_an_empty_image_is_refused_naming_its_size(processor, size):
+    """A 0xN PIL image used to reach torch's interpolation ("Input and output sizes should be greater than 0")."""
+    with pytest.raises(ImageLoadError, match=f"empty: {size[0]}x{size[1]} pixels"):
+        load_image(Image.new("RGB", size))
+    with pytest.raises(ImageLoadError, match=rf"images\[1\]: Image is empty: {size[0]}x{size[1]}"):
+        processor([Image.new("RGB", (8, 8)), Image.new("L", size)])
+
+
+def test_bad_items_of_a_batch_are_named_by_index_and_value(processor):
+    good = Image.new("RGB", (8, 8))
+    with pytest.raises(TypeError, match=r"images\[1\]: Unsupported image type NoneType"):
+        processor([good, None])
+    with pytest.raises(TypeError, match=r"images\[2\]: Unsupported image type dict"):
+        processor([good, good, {"path": "x.png"}])
+    nan = np.full((4, 4, 3), 0.5, dtype=np.float32)
+    nan[1, 2, 0] = np.nan
+    with pytest.raises(ImageLoadError, match=r"images\[1\]: .*1 non-finite values .*nan at index \(1, 2, 0\)"):
+        processor([good, nan])
+    with pytest.raises(ImageLoadError, match="non-finite"):  # tensors alike, and a single image has no index
+        processor(torch.full((3, 4, 4), float("inf")))
+    with pytest.raises(FileNotFoundError, match=r"images\[1\]: .*missing.png"):
+        processor([good, "missing.png"])
+
+
+def test_max_pixels_is_checked_on_the_header_before_decoding(tmp_path):
+    """A PNG whose header claims 4000 x 4000 but whose pixel data is cut off: refused as too large (so nothing
+    was decoded: decoding would have failed as truncated), while without the limit it is a truncated file."""
+    buffer = io.BytesIO()
+    Image.new("L", (4000, 4000)).save(buffer, format="PNG")
+    path = tmp_path / "claims_16mp.png"
+    path.write_bytes(buffer.getvalue()[:200])
+    with pytest.raises(ImageTooLargeError, match=r"claims_16mp.png.* 4000x4000 = 16000000 pixels, over the limit of "
+                       r"1000000"):
+        load_image(path, max_pixels=1_000_000)
+    with pytest.raises(ImageTooLargeError, match="Image bytes is 4000x4000"):
+        load_image(buffer.getvalue()[:200], max_pixels=1_000_000)
+    with pytest.raises(ImageLoadError, match="claims_16mp.png") as info:
+        load_image(path)
+    assert not isinstance(info.value, ImageTooLargeError)
+    with pytest.raises(ImageTooLargeError, match="over the limit of 15"):  # decoded inputs are checked too
+        load_image(Image.new("RGB", (4, 4)), max_pixels=15)
+    assert load_image(Image.new("RGB", (4, 4)), max_pixels=16).size == (4, 4)

@@ -79,6 +79,47 @@ def test_processor_errors(tiny_setup):
         MLLMSegProcessor(proc.image_processor, build_tiny_tokenizer(with_seg_tokens=False))
 
 
+def test_processor_refuses_bad_text_arguments_naming_them(tiny_setup):
+    """None, bytes or numbers as questions / answers / history turns / expressions used to surface as
+    "'NoneType' object has no attribute 'replace'" or an unpack error; each now names the argument, index and
+    value."""
+    _, tok, proc = tiny_setup
+    cases = [
+        (dict(text=[None]), TypeError, r"text\[0\] must be a string, got NoneType \(None\)"),
+        (dict(text=b"hello"), TypeError, r"text must be a string or a list of strings, got bytes \(b'hello'\)"),
+        (dict(text=["a", 5]), TypeError, r"text\[1\] must be a string, got int \(5\)"),
+        (dict(text=5), TypeError, r"text must be a string or a list of strings, got int \(5\)"),
+        (dict(text=["a"], answers=[None]), TypeError, r"answers\[0\] must be a string, got NoneType"),
+        (dict(text=["a"], answers=b"x"), TypeError, r"answers must be a string or a list of strings, got bytes"),
+        (dict(text=["a"], history=[[("q",)]]), TypeError, r"history\[0\]\[0\] must be a \(question, answer\) "
+                                                           r"pair of strings, got \('q',\)"),
+        (dict(text=["a"], history=[[(None, "x")]]), TypeError, r"history\[0\]\[0\] must be a \(question, answer\)"),
+        (dict(text=["a"], history=["q"]), TypeError, r"history\[0\] must be a list of \(question, answer\) pairs"),
+        (dict(text=["a"], num_tiles=[[0]]), ValueError, r"num_tiles\[0\] must be a list of positive integers, got "
+                                                       r"\[0\]"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            proc(**kwargs)
+    for expressions, error, match in [
+        ([None], TypeError, r"expressions\[0\] must be a string, got NoneType \(None\)"),
+        (b"the dog", TypeError, r"expressions must be a list of strings, got bytes \(b'the dog'\)"),
+        ("the dog", TypeError, r"expressions must be a list of strings, got str"),
+        (["the dog", " . "], ValueError, r"expressions\[1\] is empty \(' \. '\)"),
+    ]:
+        with pytest.raises(error, match=match):
+            proc.segmentation_prompt(expressions)
+
+
+@pytest.mark.parametrize("size", [(0, 0), (0, 9)])
+def test_segment_refuses_an_empty_image(tiny_setup, size):
+    model, _, proc = tiny_setup
+    from mllmseg.remote_code.image_processing_mllmseg import ImageLoadError
+
+    with pytest.raises(ImageLoadError, match=f"Image is empty: {size[0]}x{size[1]} pixels"):
+        model.segment(proc, Image.new("RGB", size), ["the dog"])
+
+
 def test_post_processing_masks_boxes_rle():
     logits = torch.full((2, 8, 8), -10.0)
     logits[0, 2:4, 4:8] = 10.0  # rows 2-3, cols 4-7 of the canvas
@@ -88,7 +129,8 @@ def test_post_processing_masks_boxes_rle():
     cols = masks[0].any(0).nonzero().flatten()
     assert 4 <= int(rows.min()) <= 5 and 6 <= int(rows.max()) <= 7 and int(cols.min()) == 4 and int(cols.max()) == 7
     boxes = MLLMSegProcessor.masks_to_boxes(masks)
-    assert boxes[0].tolist() == [4.0, float(rows.min()), 7.0, float(rows.max())] and boxes[1].tolist() == [0, 0, 0, 0]
+    assert boxes[0].tolist() == [4.0, float(rows.min()), 7.0, float(rows.max())]
+    assert boxes[1].isnan().all()  # an empty mask has no box ([0, 0, 0, 0] is pixel (0, 0)'s)
     from pycocotools import mask as mask_utils
 
     rle = MLLMSegProcessor.masks_to_rle(masks)
@@ -155,3 +197,29 @@ def test_processor_follows_transformers_keyword_conventions(tiny_setup):
     with torch.no_grad():
         model(**batch)
         model.generate(**batch, max_new_tokens=2, pad_token_id=tok.pad_token_id)
+
+
+def test_segmentation_results_are_dict_like_and_convert_to_json(tiny_setup):
+    """Like transformers' outputs: keys, item access, tuples; `to_records` gives JSON-ready dicts per expression whose
+    box is None for an empty mask (a one-pixel mask at (0, 0) has box [0, 0, 0, 0])."""
+    import json
+
+    from mllmseg.remote_code.processing_mllmseg import SegmentationResult
+
+    model, _, proc = tiny_setup
+    result = model.segment(proc, Image.new("RGB", (40, 30), "white"), ["the dog", "the cat"])
+    assert list(result.keys())[:6] == ["expressions", "masks", "boxes", "scores", "seg_probs", "rejected"]
+    assert result["masks"] is result.masks and result.to_tuple()[0] == ["the dog", "the cat"]
+    masks = torch.zeros(3, 4, 5, dtype=torch.bool)
+    masks[1, 0, 0] = True  # one pixel at (0, 0)
+    masks[2, 1:3, 2:5] = True
+    made = SegmentationResult(expressions=["empty", "dot", "bar"], masks=masks,
+                              boxes=MLLMSegProcessor.masks_to_boxes(masks), scores=torch.tensor([0.0, 0.9, 0.8]),
+                              seg_probs=torch.tensor([0.2, 0.9, 0.7]), rejected=torch.tensor([True, False, False]),
+                              text="x")
+    records = made.to_records(include_masks=True)
+    assert [r["box"] for r in records] == [None, [0, 0, 0, 0], [2, 1, 4, 2]]
+    assert [r["area"] for r in records] == [0, 1, 6] and [r["rejected"] for r in records] == [True, False, False]
+    assert records[2]["mask"][1] == [False, False, True, True, True]
+    assert json.loads(json.dumps(records)) == records  # plain Python values only
+    assert "rle" not in records[0] and "mask" not in made.to_records()[0]

@@ -3,19 +3,21 @@ huggingface_hub's own HTTP client with its transport replaced (`set_client_facto
 everything above the socket (create_repo, preupload, README validation, the NDJSON commit) runs for real."""
 import base64
 import json
+import re
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from mllmseg.cli import main
-from mllmseg.hub.release import ReleaseError, remote_code_closure, verify_release
+from mllmseg.hub.release import ReleaseError, check_base_model, remote_code_closure, verify_release
 
 REPO_ROOT_FILES = {
     "README.md", "compat_mllmseg.py", "config.json", "configuration_mllmseg.py",
     "conversation_mllmseg.py", "generation_config.json", "image_processing_mllmseg.py", "inference_mllmseg.py",
-    "mask_decoder_mllmseg.py", "model.safetensors", "modeling_mllmseg.py", "processing_mllmseg.py",
+    "mask_decoder_mllmseg.py", "model.safetensors", "modeling_mllmseg.py", "pipeline_mllmseg.py", "processing_mllmseg.py",
     "processor_config.json", "tokenizer.json", "tokenizer_config.json", "self1e_head_mllmseg.py",
 }
 
@@ -46,7 +48,7 @@ def dry_run(checkpoint, eval_json, tmp_path_factory):
     out = tmp_path_factory.mktemp("rel") / "release"
     proc = subprocess.run(
         [sys.executable, "-m", "mllmseg", "release", str(checkpoint), "--repo-id", "me/tiny-mllmseg", "--dry-run",
-         "--output-dir", str(out), "--eval-json", str(eval_json), "--base-model", "OpenGVLab/InternVL2_5-1B"],
+         "--output-dir", str(out), "--eval-json", str(eval_json), "--base-model", "me/tiny-internvl-base"],
         capture_output=True, text=True, timeout=300,
     )
     return proc, out
@@ -62,8 +64,85 @@ def test_dry_run_builds_and_verifies(dry_run, checkpoint):
     assert "trainer_state.json" in proc.stdout  # reported as not released
     assert (out / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
     card = (out / "README.md").read_text()
-    assert card.startswith("---\n") and "model-index:" in card and "base_model: OpenGVLab/InternVL2_5-1B" in card
+    assert card.startswith("---\n") and "model-index:" in card and "base_model: me/tiny-internvl-base" in card
     assert "| RefCOCOg | val | fast | 79.90 |" in card
+    # datasets: means training data on the Hub; nothing recorded how this checkpoint was trained
+    assert "datasets:" not in card.split("---")[1] and "No training record came with this release" in card
+    assert "base model me/tiny-internvl-base: not a known InternVL release, its architecture was not checked" in proc.stdout
+    assert "verifying: loading the folder alone" in proc.stdout
+
+
+def test_card_and_command_state_one_parameter_count(dry_run, checkpoint):
+    """The card's count is the model's parameters (BatchNorm statistics are saved tensors, not parameters), the
+    same number the verification's loaded model reports."""
+    from safetensors import safe_open
+
+    from mllmseg.remote_code.modeling_mllmseg import MLLMSegForConditionalGeneration
+
+    proc, out = dry_run
+    expected = MLLMSegForConditionalGeneration.from_pretrained(checkpoint).num_parameters()
+    with safe_open(str(checkpoint / "model.safetensors"), framework="np") as f:
+        stored = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+    assert stored > expected  # the decoder's BatchNorm buffers are stored too
+    card = (out / "README.md").read_text()
+    assert re.search(r"\| Parameters \| [0-9.]+K \(([0-9,]+)\) \|", card).group(1) == f"{expected:,}"
+    assert f"({expected:,} parameters, no missing/unexpected keys" in proc.stdout
+
+
+def test_base_model_is_checked_against_the_architecture(checkpoint, tmp_path, capsys):
+    """A published InternVL named as the base must have the checkpoint's widths; a tiny Qwen2 model is not an
+    InternVL2.5-8B fine-tune."""
+    rc = main(["release", str(checkpoint), "--repo-id", "me/x", "--dry-run", "--skip-verify",
+               "--output-dir", str(tmp_path / "o"), "--base-model", "OpenGVLab/InternVL2_5-8B"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err
+    assert "--base-model OpenGVLab/InternVL2_5-8B is a llama model of width 4096" in err and "width 64" in err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    config = {"text_config": {"model_type": "qwen2", "hidden_size": 896}, "vision_config": {"hidden_size": 1024}}
+    assert "architecture matches (qwen2, width 896" in check_base_model("OpenGVLab/InternVL2_5-1B", config)
+    assert "architecture matches" in check_base_model("OpenGVLab/InternVL3-1B-hf", config)
+    with pytest.raises(ReleaseError, match="is a llama model of width 4096"):
+        check_base_model("jcwang0602/MLLMSeg_InternVL2_5_8B_RES", config)  # named after its base
+    with pytest.raises(ReleaseError, match="must be a Hub model id"):
+        check_base_model(str(checkpoint), config)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A real two-step `mllmseg train` run (tiny model, synthetic data): `<run>/train_summary.json` + `<run>/final`."""
+    run = tmp_path_factory.mktemp("run") / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mllmseg", "train", "tiny", "--output-dir", str(run), "training.max_steps=2",
+         "training.save_strategy=no", "training.logging_steps=1", "training.warmup_steps=0",
+         "data.train.num_images=16"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def test_card_training_section_comes_from_the_run(trained_run, tmp_path):
+    out = tmp_path / "release"
+    notes = tmp_path / "notes.md"
+    notes.write_text("Trained as a smoke test; not a useful model.")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mllmseg", "release", str(trained_run / "final"), "--repo-id", "me/tiny-run",
+         "--dry-run", "--skip-verify", "--output-dir", str(out), "--training-notes", str(notes)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((trained_run / "train_summary.json").read_text())
+    assert f"training section: {(trained_run / 'train_summary.json').resolve()}" in proc.stdout
+    card = (out / "README.md").read_text()
+    section = card.split("## Training\n")[1].split("## Limitations")[0]
+    assert f"recipe `tiny`) for {summary['global_step']} optimiser steps" in section
+    assert f"mean training loss {summary['train_loss']:.4f}" in section
+    assert "Synthetic shapes (mllmseg), 16 generated scenes" in section and "full fine-tuning (no LoRA)" in section
+    assert f"{summary['trainable']['trainable']:,} of {summary['trainable']['all']:,} parameters trained" in section
+    assert f"learning rate {summary['recipe']['training']['learning_rate']}" in section
+    assert "Trained as a smoke test; not a useful model." in section
+    assert "LoRA r=64" not in card and "50k steps" not in card  # the reference's recipe is not claimed
+    assert "datasets:" not in card.split("---")[1]  # synthetic data has no Hub id
 
 
 def test_verify_reports_keys_and_blocks_the_package(dry_run, tmp_path):

@@ -57,3 +57,25 @@ def test_recipe_base_is_merged_under_the_recipe(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a\n")
     with pytest.raises(ValueError, match="loops"):
         load_recipe(str(tmp_path / "a.yaml"))
+
+
+def test_paper_recipes_build_their_training_arguments(tmp_path):
+    """transformers 5 has no `warmup_ratio` field (a float `warmup_steps` < 1 is the ratio); the 8B recipes' 3% warmup
+    used to stop TrainingArguments with a TypeError."""
+    from mllmseg.training.trainer import training_arguments
+
+    for name in ("res_8b", "gres_8b"):
+        recipe = load_recipe(name, ["training.deepspeed=null", "training.bf16=false"])
+        args = training_arguments(recipe, str(tmp_path / name))
+        steps = recipe["training"]["max_steps"]
+        assert args.get_warmup_steps(steps) == round(0.03 * steps)
+
+
+def test_recipe_keys_are_checked_with_a_suggestion(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown recipe key 'training\.max_step'.*did you mean 'training\.max_steps'"):
+        load_recipe("tiny", ["training.max_step=5"])
+    (tmp_path / "mine.yaml").write_text("base: tiny\ndata: {max_lenght: 20}\n")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'mine.yaml'}: unknown recipe key 'data\.max_lenght'.*'data\.max_length'"):
+        load_recipe(str(tmp_path / "mine.yaml"))
+    for name in list_recipes():  # every built-in recipe passes its own check
+        load_recipe(name)

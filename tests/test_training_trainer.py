@@ -1,4 +1,5 @@
-"""HF Trainer integration: NaN guard, atomic checkpoints, kill -9 + resume, two-process gloo run, LoRA merge."""
+"""HF Trainer integration: NaN guard, atomic checkpoints, kill -9 + resume, two-process gloo run, LoRA merge, the
+summary loss across resumes, failed saves (real refused writes) and the warmup warning."""
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from mllmseg.training.recipes import load_recipe
 from mllmseg.training.trainer import NonFiniteLossError, build_trainer, run_training
@@ -172,3 +174,102 @@ def test_finished_run_is_not_trained_again_and_stale_trash_goes(tmp_path, capsys
     assert (out / "final" / "model.safetensors").stat().st_mtime_ns == mtime
     assert all(torch.equal(v, load_file(out / "final" / "model.safetensors")[k]) for k, v in weights.items())
     assert not trash.exists()
+
+
+class _StopAfterSave(TrainerCallback):
+    """Ends the run right after the checkpoint at `step` is written: an interruption at a checkpoint."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_summary_loss_covers_the_whole_run_across_resumes(tmp_path):
+    """After a resume, train_summary.json's loss used to cover only the steps of the last process."""
+    recipe = load_recipe("tiny", FAST + ["training.max_steps=7", "training.logging_steps=2", "training.save_steps=3"])
+    whole = run_training(recipe, output_dir=str(tmp_path / "whole"))
+    run_training(recipe, output_dir=str(tmp_path / "parts"), callbacks=[_StopAfterSave(3)])
+    stopped = json.loads((tmp_path / "parts" / "train_summary.json").read_text())
+    assert stopped["global_step"] == 3
+    resumed = run_training(recipe, output_dir=str(tmp_path / "parts"))
+    assert resumed["resumed_from"].endswith("checkpoint-3")
+    one, two = (json.loads((tmp_path / name / "train_summary.json").read_text()) for name in ("whole", "parts"))
+    assert one["global_step"] == two["global_step"] == 7
+    assert one["loss_steps"] == two["loss_steps"] == 7  # every step's loss is in the mean, across both processes
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-6)
+    assert two["last_loss"] == pytest.approx(one["last_loss"], rel=1e-6)
+    # the uninterrupted summary equals the Trainer's own mean over all steps
+    assert one["train_loss"] == pytest.approx(whole["trainer"].state.log_history[-1]["train_loss"], rel=1e-6)
+    # and the resumed process alone saw a different mean (what the summary used to report)
+    assert resumed["trainer"].state.log_history[-1]["train_loss"] != pytest.approx(one["train_loss"], rel=1e-3)
+
+
+def _limit_file_size(limit):
+    """preexec_fn: writes past `limit` bytes fail with EFBIG (a real failed write, as on a full disk); SIGXFSZ is
+    ignored so the write returns the error instead of killing the process (CPython ignores it too)."""
+    def apply():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.parametrize("fails_in, reason", [
+    ("model.safetensors", "File too large"),  # safetensors passes the errno on
+    ("optimizer.pt", "inline_container.cc"),  # torch.save's zip writer does not: the issue's `[enforce fail at ...]`
+])
+def test_failed_save_is_one_line_and_the_last_checkpoint_resumes(tmp_path, fails_in, reason):
+    """A full disk during a save used to end in torch's `RuntimeError: [enforce fail at inline_container.cc...]`
+    traceback (or safetensors' error). RLIMIT_FSIZE makes the kernel refuse the write the way a full disk does (the
+    same `write` failing with an errno, through the same safetensors / torch.save code), without needing root for a
+    small filesystem. The limit sits below the file named by `fails_in` and above every file written before it."""
+    import hashlib
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mllmseg", "train", "tiny", "--output-dir", str(out), *FAST,
+           "training.disable_tqdm=true", "training.save_steps=2"]
+    first = subprocess.run(cmd + ["training.max_steps=2"], env=_env(), capture_output=True, text=True, timeout=200)
+    assert first.returncode == 0, first.stderr[-3000:]
+    sizes = {p.name: p.stat().st_size for p in (out / "checkpoint-2").iterdir()}
+    digest = {name: hashlib.sha256((out / "checkpoint-2" / name).read_bytes()).hexdigest() for name in sizes}
+    model, optimizer = sizes["model.safetensors"], sizes["optimizer.pt"]
+    assert max(s for n, s in sizes.items() if n not in ("model.safetensors", "optimizer.pt")) < model // 2
+    limit = model // 2 if fails_in == "model.safetensors" else (model + optimizer) // 2
+
+    failed = subprocess.run(cmd + ["training.max_steps=4"], env=_env(), capture_output=True, text=True, timeout=200,
+                            preexec_fn=_limit_file_size(limit))
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert "Traceback" not in failed.stderr
+    errors = [line for line in failed.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0] == failed.stderr.splitlines()[-1], failed.stderr[-3000:]
+    line = errors[0]
+    assert line.startswith("mllmseg train: error: could not save checkpoint-4")
+    assert str(out) in line and "free space" in line and reason in line
+    assert str(out / "checkpoint-2") in line
+    # the last complete checkpoint is untouched, nothing half-written is in sight
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert {n: hashlib.sha256((out / "checkpoint-2" / n).read_bytes()).hexdigest() for n in sizes} == digest
+    assert not (out / ".staging").exists()
+
+    again = subprocess.run(cmd + ["training.max_steps=4"], env=_env(), capture_output=True, text=True, timeout=200)
+    assert again.returncode == 0, again.stderr[-3000:]
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]
+    assert json.loads((out / "train_summary.json").read_text())["resumed_from"] == str(out / "checkpoint-2")
+
+
+def test_warmup_longer_than_the_run_is_one_warning(tmp_path, caplog):
+    caplog.set_level("WARNING", logger="mllmseg.training.trainer")
+    build_trainer(load_recipe("tiny", FAST + ["training.max_steps=20", "training.warmup_steps=50",
+                                              "training.save_strategy=no"]), output_dir=str(tmp_path / "a"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "warmup" in warnings[0] and "50" in warnings[0] and "20" in warnings[0]
+    caplog.clear()
+    build_trainer(load_recipe("tiny", FAST + ["training.max_steps=20", "training.warmup_steps=5",
+                                              "training.save_strategy=no"]), output_dir=str(tmp_path / "b"))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -26,17 +26,16 @@ REMOTE_CODE = REPO / "mllmseg" / "remote_code"
 # Every transformers module the remote code imports from, and the names it takes. A new internal dependency is a
 # deliberate choice: add it here, with a compat entry if its name differs inside the supported range.
 TRANSFORMERS_IMPORTS = {
-    "transformers": {"BatchFeature", "GenerationMixin", "InternVLConfig", "PreTrainedModel", "initialization"},
+    "transformers": {"BatchFeature", "GenerationMixin", "InternVLConfig", "Pipeline", "PreTrainedModel", "initialization"},
     "transformers.cache_utils": {"Cache"},
     "transformers.image_processing_backends": {"PilBackend"},
     "transformers.image_processing_utils": {"BatchFeature"},
-    "transformers.image_utils": {"IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "PILImageResampling", "SizeDict",
-                                 "load_image"},
+    "transformers.image_utils": {"IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "PILImageResampling", "SizeDict"},
     "transformers.modeling_outputs": {"BaseModelOutputWithPooling", "CausalLMOutputWithPast"},
     "transformers.models.got_ocr2.image_processing_pil_got_ocr2": {"get_optimal_tiled_canvas"},
     "transformers.models.internvl.modeling_internvl": {"InternVLModel"},
     "transformers.processing_utils": {"ImagesKwargs", "MultiModalData", "ProcessorMixin", "Unpack"},
-    "transformers.utils": {"TensorType"},
+    "transformers.utils": {"ModelOutput", "TensorType"},
 }
 
 

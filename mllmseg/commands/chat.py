@@ -17,7 +17,8 @@ def register(subparsers) -> None:
         "[SEG] / [REJ] tokens.",
     )
     parser.add_argument("model", metavar="MODEL", help="checkpoint folder (or Hub id, if reachable)")
-    parser.add_argument("image", metavar="IMAGE", help="image file (PNG, JPEG, ...)")
+    parser.add_argument("image", metavar="IMAGE", help="image file (PNG, JPEG, ...) or http(s) URL (fetched unless "
+                        "HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set)")
     parser.add_argument("--tiling", choices=("single", "dynamic"), default="dynamic",
                         help="image tiling (default: dynamic, as InternVL chat)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")

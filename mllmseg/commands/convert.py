@@ -13,8 +13,9 @@ def register(subparsers) -> None:
         parser.add_argument("src", help="source folder (config.json + weights, tokenizer files)")
         parser.add_argument("dst", help="output folder")
         parser.add_argument("--tokenizer", default=None,
-                            help="folder with a fast tokenizer to use instead of the source's (needed for "
-                                 "InternLM2-based sources here: their slow tokenizer needs sentencepiece)")
+                            help="folder with a tokenizer (tokenizer.json, or a sentencepiece tokenizer.model) to use "
+                                 "instead of the source's; a source with only tokenizer.model is converted locally "
+                                 "(needs pip install mllmseg[sentencepiece])")
         parser.add_argument("--lora-scale", type=float, default=None,
                             help="lora_alpha / r for unmerged LoRA weights (default: adapter_config.json, else 2.0 "
                                  "when the config says use_llm_lora/use_backbone_lora)")

@@ -1,6 +1,8 @@
 """`mllmseg demo`: the Gradio web demo (Segment and Chat tabs) on a local port."""
 from __future__ import annotations
 
+from ..demo import DemoLimits  # light: gradio is imported only when a demo is built
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -21,6 +23,13 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="chat answer length limit (default 128)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
+    defaults = DemoLimits()
+    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
+                        help=f"largest image in pixels, checked before decoding (default {defaults.max_pixels})")
+    parser.add_argument("--max-expressions", type=int, default=defaults.max_expressions,
+                        help=f"expressions per Segment request (default {defaults.max_expressions})")
+    parser.add_argument("--max-file-size", type=float, default=defaults.max_file_size / 2**20, metavar="MB",
+                        help=f"largest upload in MB (default {defaults.max_file_size / 2**20:g})")
     parser.set_defaults(func=run)
 
 
@@ -40,11 +49,18 @@ def run(args) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
+    if not args.max_file_size > 0:
+        raise ValueError(f"--max-file-size must be a positive number of MB, got {args.max_file_size}")
+    for flag, value in (("--max-pixels", args.max_pixels), ("--max-expressions", args.max_expressions)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    limits = DemoLimits(max_pixels=args.max_pixels, max_expressions=args.max_expressions,
+                        max_file_size=int(args.max_file_size * 2**20))
     try:
         import_gradio()  # before the model load: a missing extra fails at once
     except ImportError as error:
         raise CommandError(str(error)) from None
     print(f"loading {model} ...", flush=True)
     launch_demo(model, host=args.host, port=args.port, dtype=args.dtype, cpu=args.cpu, block=True,
-                max_new_tokens=args.max_new_tokens)
+                max_new_tokens=args.max_new_tokens, limits=limits)
     return 0

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 DATASETS = ("synthetic", "refcoco", "refcoco+", "refcocog", "refclef", "grefcoco")
+SKIPPED_EXAMPLES = 20  # messages of skipped records kept in the results JSON (the count is always there)
 
 
 def register(subparsers) -> None:
@@ -35,6 +37,9 @@ def register(subparsers) -> None:
     parser.add_argument("--num-images", type=int, default=16, help="synthetic: number of images")
     parser.add_argument("--seed", type=int, default=0, help="synthetic: seed")
     parser.add_argument("--image-size", type=int, help="synthetic: square image side (default: the tiny recipe's)")
+    parser.add_argument("--skip-bad-records", action="store_true",
+                        help="leave out annotation records that cannot be used (counted and written to the results) "
+                        "instead of stopping at the first; the metrics then cover the remaining expressions only")
     parser.set_defaults(func=run)
 
 
@@ -54,11 +59,13 @@ def build_dataset(args):
     from ..data.refer import GRefCOCODataset, ReferDataset
 
     split = args.split or "val"
+    on_bad_record = "skip" if args.skip_bad_records else "error"
     if args.dataset == "grefcoco":
         kwargs = {"split_by": args.split_by} if args.split_by else {}
-        return GRefCOCODataset(args.data_root, split=split, image_root=args.image_root, **kwargs), split
+        return GRefCOCODataset(args.data_root, split=split, image_root=args.image_root, on_bad_record=on_bad_record,
+                               **kwargs), split
     return ReferDataset(args.data_root, args.dataset, split_by=args.split_by, split=split,
-                        image_root=args.image_root), split
+                        image_root=args.image_root, on_bad_record=on_bad_record), split
 
 
 def output_stem(dataset: str, split: str, mode: str) -> str:
@@ -74,6 +81,7 @@ def run(args) -> int:
     if not model_dir.exists() and not (args.model_dir.count("/") == 1 and not args.model_dir.startswith((".", "/"))):
         raise FileNotFoundError(f"model folder not found: {model_dir}")
     dataset, split = build_dataset(args)
+    skipped = getattr(dataset, "skipped", [])
     if len(dataset) == 0:
         raise ValueError(f"{args.dataset} split {split!r} has no samples")
 
@@ -87,6 +95,8 @@ def run(args) -> int:
     # accelerate only sets up a CPU process group (gloo) when asked for the CPU: do so when there is no accelerator,
     # so `torchrun --nproc_per_node N -m mllmseg evaluate ...` is data-parallel on a CPU-only machine too.
     accelerator = Accelerator(cpu=args.cpu or not _has_accelerator(torch))
+    if skipped and accelerator.is_main_process:
+        print(f"skipped {len(skipped)} bad records (--skip-bad-records); the first: {skipped[0]}", file=sys.stderr)
     model, processor = load_model(args.model_dir, args.dtype, device=accelerator.device)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -104,6 +114,8 @@ def run(args) -> int:
             "tiling": args.tiling or getattr(model.config, "seg_tiling", None),
             "limit": args.limit,
             "num_samples": out["num_samples"],
+            "skipped_records": len(skipped),
+            "skipped_examples": skipped[:SKIPPED_EXAMPLES],
             "num_processes": accelerator.num_processes,
             "elapsed_s": round(elapsed, 3),
             "metrics": out["metrics"],

@@ -24,6 +24,19 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def truth_result(sample):
+    """A sample's ground truth in the shape `draw_overlay` takes (masks, boxes, rejected = no target)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ..data.records import box_from_mask
+
+    masks = np.stack([r.mask for r in sample.referents]).astype(bool)
+    return SimpleNamespace(masks=masks, boxes=box_from_mask(masks), scores=None,
+                           rejected=np.array([r.no_target for r in sample.referents]))
+
+
 def run(args) -> int:
     import torch
 
@@ -32,16 +45,18 @@ def run(args) -> int:
     from ..loading import load_model
     from ..training.recipes import load_recipe, synthetic_scene_kwargs
     from ..training.trainer import run_training
-    from ..visualize import draw_overlay
+    from ..visualize import draw_overlay, side_by_side
 
     start = time.time()
     out = Path(args.output_dir)
-    overrides = [f"seed={args.seed}", "training.save_strategy=no", *args.overrides]
+    # Checkpoints every `save_steps` of the tiny recipe: a killed quickstart resumes from the last one when run again
+    # with the same --output-dir (a finished run is not trained again).
+    overrides = [f"seed={args.seed}", *args.overrides]
     if args.steps is not None:
         overrides.append(f"training.max_steps={args.steps}")
     recipe = load_recipe("tiny", overrides)
     data_kwargs = synthetic_scene_kwargs(recipe)
-    result = run_training(recipe, output_dir=str(out / "run"), resume=False)
+    result = run_training(recipe, output_dir=str(out / "run"), resume=None)
     checkpoint = result["final"]
     print(f"trained {result['global_step']} steps in {time.time() - start:.0f} s; checkpoint: {checkpoint}")
 
@@ -68,7 +83,9 @@ def run(args) -> int:
             exprs = [r.text for r in sample.referents]
             res = model.segment(processor, sample.image, exprs)
             path = overlay_dir / f"heldout_{i}.png"
-            draw_overlay(sample.image, res, exprs).save(path)  # the same drawing as `segment` and the demo
+            # The ground truth beside the prediction, both drawn as `segment` and the demo draw results.
+            side_by_side([draw_overlay(sample.image, truth_result(sample), exprs), draw_overlay(sample.image, res, exprs)],
+                         ["ground truth", "prediction"]).save(path)
             for e, r, rej in zip(exprs, sample.referents, res.rejected):
                 print(f"  {path.name}: {e!r} -> {'[REJ]' if bool(rej) else '[SEG]'} (truth: {'no target' if r.no_target else 'target'})")
     elapsed = time.time() - start

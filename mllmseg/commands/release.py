@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -26,6 +27,10 @@ def register(subparsers) -> None:
     parser.add_argument("--license", default=None, help="license id for the card (default apache-2.0)")
     parser.add_argument("--dataset", action="append", dest="datasets", metavar="HUB_ID",
                         help="training dataset Hub id for the card metadata (repeatable)")
+    parser.add_argument("--training-summary", metavar="F",
+                        help="the run's train_summary.json for the card's training section (default: found next to "
+                        "MODEL_DIR when `mllmseg train` wrote it)")
+    parser.add_argument("--training-notes", metavar="F", help="a Markdown file added to the card's training section")
     parser.add_argument("--commit-message", help="commit message (default: 'Release NAME (MLLMSeg)')")
     parser.add_argument("--skip-verify", action="store_true", help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
@@ -35,7 +40,7 @@ def run(args) -> int:
     from huggingface_hub.utils import validate_repo_id
 
     from ..hub.cards import load_eval_results
-    from ..hub.release import assemble_release, upload_release, verify_release
+    from ..hub.release import ReleaseError, assemble_release, upload_release, verify_release
 
     if args.repo_id.count("/") != 1:
         raise ValueError(f"--repo-id must be ORG/NAME, got {args.repo_id!r}")
@@ -46,15 +51,31 @@ def run(args) -> int:
     eval_results = load_eval_results(args.eval_json)
     output_dir = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="mllmseg-release-"))
 
+    notes = ""
+    if args.training_notes:
+        if not Path(args.training_notes).is_file():
+            raise FileNotFoundError(f"--training-notes file not found: {args.training_notes}")
+        notes = Path(args.training_notes).read_text(encoding="utf-8")
+    print(f"assembling {model_dir} ...", flush=True)
     report = assemble_release(model_dir, output_dir, args.repo_id, eval_results=eval_results,
-                              base_model=args.base_model, license=args.license, datasets=args.datasets)
+                              base_model=args.base_model, license=args.license, datasets=args.datasets,
+                              training_summary=args.training_summary, training_notes=notes)
+    for line in report.notes:
+        print(line)
     print(f"release folder: {report.folder} ({len(report.files)} files)")
     for name in report.files:
         print(f"  {name}")
     if report.skipped:
         print(f"not released: {', '.join(report.skipped)}")
     if not args.skip_verify:
+        print("verifying: loading the folder alone in a fresh interpreter (AutoModel + AutoProcessor, "
+              "trust_remote_code=True); this reads every weight ...", flush=True)
+        start = time.monotonic()
         verification = verify_release(report.folder)
+        if verification["num_parameters"] != report.num_parameters:
+            raise ReleaseError(f"the loaded model has {verification['num_parameters']:,} parameters, the card says "
+                               f"{report.num_parameters:,}")
+        print(f"verification took {time.monotonic() - start:.0f} s")
         print(f"verified: {verification['model_class'].rsplit('.', 1)[-1]} + "
               f"{verification['processor_class'].rsplit('.', 1)[-1]} load from the folder alone "
               f"({verification['num_parameters']:,} parameters, no missing/unexpected keys, "

@@ -19,7 +19,8 @@ def register(subparsers) -> None:
         "--out overlay.png --json result.json",
     )
     parser.add_argument("model", metavar="MODEL", help="checkpoint folder (or Hub id, if reachable)")
-    parser.add_argument("image", metavar="IMAGE", help="image file (PNG, JPEG, ...)")
+    parser.add_argument("image", metavar="IMAGE", help="image file (PNG, JPEG, ...) or http(s) URL (fetched unless "
+                        "HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set)")
     # nargs="*" rather than "+": a missing expression gets our one-line error instead of argparse's usage block.
     parser.add_argument("expressions", metavar="EXPRESSION", nargs="*", help="one or more referring expressions")
     parser.add_argument("--out", help="overlay PNG to write (default: <IMAGE stem>_overlay.png in the current folder)")
@@ -35,7 +36,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..loading import check_model_path, load_model, read_image
-    from ..visualize import draw_overlay, result_records
+    from ..visualize import draw_overlay
 
     expressions = [e.strip() for e in args.expressions]
     if not expressions:
@@ -60,7 +61,7 @@ def run(args) -> int:
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     draw_overlay(image, result, expressions).save(out_path)
-    records = result_records(result, expressions)
+    records = result.to_records()
     if args.json_path:
         payload = {
             "model": args.model,

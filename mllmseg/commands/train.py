@@ -24,6 +24,9 @@ def register(subparsers) -> None:
                         help="resume from the last checkpoint (the default when one exists)")
     resume.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if checkpoints exist")
     parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    parser.add_argument("--skip-bad-records", action="store_true",
+                        help="leave out annotation records that cannot be used (counted, logged and written to "
+                        "train_summary.json) instead of stopping at the first (= data.on_bad_record=skip)")
     parser.set_defaults(func=run_train)
 
     merge = subparsers.add_parser(
@@ -50,18 +53,23 @@ def run_train(args) -> int:
     late.add_argument("--resume", dest="resume", action="store_true", default=args.resume)
     late.add_argument("--no-resume", dest="resume", action="store_false")
     late.add_argument("--print-recipe", action="store_true", default=args.print_recipe)
+    late.add_argument("--skip-bad-records", action="store_true", default=args.skip_bad_records)
     late_args, overrides = late.parse_known_args(args.overrides)
     bad = [o for o in overrides if o.startswith("-")]
     if bad:
         raise ValueError(f"unknown option(s) {bad}")
     args.output_dir, args.resume, args.print_recipe = late_args.output_dir, late_args.resume, late_args.print_recipe
+    if late_args.skip_bad_records:
+        overrides = [*overrides, "data.on_bad_record=skip"]
     recipe = load_recipe(args.recipe, overrides)
     if args.print_recipe:
         print(yaml.safe_dump(recipe, sort_keys=False))
         return 0
     result = run_training(recipe, output_dir=args.output_dir, resume=args.resume)
     if result["trainer"].is_world_process_zero():
-        print(f"done: {result['global_step']} steps, train loss {result['train_loss']:.4f}; final weights in {result['final']}")
+        loss = "n/a" if result["train_loss"] is None else f"{result['train_loss']:.4f}"
+        print(f"done: {result['global_step']} steps, train loss {loss} (mean over the whole run); final weights in "
+              f"{result['final']}")
     return 0
 
 

@@ -44,21 +44,24 @@ Files: `model.safetensors`, `model.safetensors.index.json` (sharded), `pytorch_m
 `pytorch_model.bin.index.json` (loaded with `torch.load(weights_only=True)`). The whole state dict is held in memory
 and, during conversion, an intermediate copy in our names is written next to `dst` (removed afterwards).
 
-Tokenizer: loaded with `AutoTokenizer.from_pretrained(src)` *without* remote code, or given (`tokenizer=` object or
-folder). Qwen2-based releases (vocab.json/merges.txt or tokenizer.json) load offline. The InternLM2-based releases
-(InternVL2.5-8B/26B) ship only a sentencepiece `tokenizer.model` with a remote-code slow tokenizer; converting it needs
-`sentencepiece` (not installed here) or a fast `tokenizer.json` made elsewhere: pass such a folder as `tokenizer=`
-(CLI `--tokenizer`). Conversion fails with a ValueError saying so rather than guessing token ids.
+Config: a Qwen2 / Llama `llm_config` (a transformers 4.37 `to_dict()` dump in the releases) keeps only the fields the
+transformers config class takes; `bos/eos/pad_token_id` come from the tokenizer (a Qwen2 dump says bos 151643 although
+the tokenizer has no BOS).
 
-What could NOT be checked here (no real upstream files offline): the tests build checkpoints in the upstream layout
-from known weights of our own tiny models (InternLM2 naming with GQA `wqkv` fusion, Qwen2 naming, ViT `attn.qkv`
-fusion, LoRA-unmerged, sharded, `.bin`) and show identical logits and mask logits after conversion, and the `wqkv`
-split is checked against an independent element-by-element reading of the upstream `rearrange`. The names and the
-layout come from reading the reference module definitions; that the released files contain exactly these names
-(e.g. no extra buffers), that InternLM2's dynamic-NTK rope equals transformers' `dynamic` rope beyond
-`max_position_embeddings`, the InternViT-6B `q_norm/k_norm` epsilon (transformers' InternVL RMSNorm uses its default
-1e-6, the reference uses `layer_norm_eps`, also 1e-6 in the releases we know of), and loading real InternLM2
-tokenizers were not verified against real checkpoints.
+Tokenizer: never through `AutoTokenizer` (every OpenGVLab / MLLMSeg release names its own classes in `auto_map`, so it
+would ask to run them), or given (`tokenizer=` object or folder, CLI `--tokenizer`). A `tokenizer.json` is read as a
+fast tokenizer; a sentencepiece `tokenizer.model` alone (InternLM2-based releases: InternVL2.5-2B/8B and their MLLMSeg
+releases) is converted to a fast tokenizer here ([`fast_tokenizer_from_sentencepiece`], needs the
+`mllmseg[sentencepiece]` extra: sentencepiece and protobuf); `vocab.json` + `merges.txt` alone (a Qwen2 release saved
+by the slow tokenizer) is rebuilt by transformers' `Qwen2Tokenizer`. The source's python files are never executed.
+
+Checked by tests/test_convert_layouts.py on tiny checkpoints built from descriptions of the published layouts
+(tests/fixtures/published_layouts/, with provenance), against an independent forward of the source weights (LLM
+logits, InternLM2's dynamic-NTK rope included; mask probabilities through torch's own TransformerDecoderLayer).
+Not checked against real released files (nothing can be downloaded here): the exact file sets and the few fields
+PROVENANCE.md lists as inferred, the InternViT-6B `q_norm/k_norm` epsilon (transformers' InternVL RMSNorm uses its
+default 1e-6, the reference `layer_norm_eps`, also 1e-6 in the releases we know of), and Qwen2 `rope_scaling`, which
+transformers 4.37 (the reference's version) ignores while transformers 5 applies it past `max_position_embeddings`.
 """
 from __future__ import annotations
 
@@ -85,8 +88,11 @@ _VIT_DEFAULTS = dict(
     intermediate_size=12800, qk_normalization=True, num_hidden_layers=48, hidden_act="gelu", norm_type="rms_norm",
     layer_norm_eps=1e-6, dropout=0.0, attention_dropout=0.0, initializer_range=0.02, initializer_factor=0.1,
 )
-_LLM_DROP = ("architectures", "auto_map", "_name_or_path", "transformers_version", "torch_dtype", "dtype",
-             "model_type", "attn_implementation", "_attn_implementation_autoset", "use_cache")
+# Fields of a transformers config's __init__ that describe the saved file or the runtime, not the model: a released
+# llm_config (a transformers 4.37 `to_dict()`) carries them with stale values, so they are not carried over.
+_GENERIC_CONFIG_FIELDS = ("transformers_version", "architectures", "output_hidden_states", "return_dict", "dtype",
+                          "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type",
+                          "use_cache", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,7 +347,27 @@ def _vision_config(config: dict):
     )
 
 
-def _text_config(llm: dict, vocab_rows: int) -> dict:
+def _known_text_fields(llm: dict, model_type: str) -> dict:
+    """A Qwen2 / Llama llm_config reduced to the fields transformers' config class of `model_type` takes (its
+    `__init__` parameters, plus the legacy `rope_theta` / `rope_scaling` it still converts), generic ones aside.
+    Everything else a 4.37-era dump holds (`_name_or_path`, `attn_implementation`, `use_flash_attn`, `use_bfloat16`,
+    generation defaults such as `top_k`, `moe_config`, ...) is dropped."""
+    import inspect
+
+    from transformers import AutoConfig
+
+    accepted = set(inspect.signature(type(AutoConfig.for_model(model_type)).__init__).parameters)
+    accepted = (accepted | {"rope_theta", "rope_scaling"}) - {"self", "kwargs", *_GENERIC_CONFIG_FIELDS}
+    text = {k: v for k, v in llm.items() if k in accepted}
+    if text.get("rope_scaling") is None:
+        text.pop("rope_scaling", None)
+    text["model_type"] = model_type
+    return text
+
+
+def _text_config(llm: dict, vocab_rows: int, special_ids: dict | None = None) -> dict:
+    """The `text_config` dict of an llm_config; `special_ids`: `bos/eos/pad_token_id` to set (from the tokenizer:
+    a Qwen2 llm_config says bos 151643 although the tokenizer has no BOS)."""
     arch = llm["architectures"][0]
     if arch == "InternLM2ForCausalLM":
         heads = llm["num_attention_heads"]
@@ -370,9 +396,9 @@ def _text_config(llm: dict, vocab_rows: int) -> dict:
                 raise ValueError(f"InternLM2 rope_scaling type {kind!r} is not supported (linear, dynamic)")
             text["rope_scaling"] = {"type": kind, "rope_type": kind, "factor": float(scaling["factor"])}
     else:
-        text = {k: v for k, v in llm.items() if k not in _LLM_DROP}
-        text["model_type"] = "qwen2" if arch == "Qwen2ForCausalLM" else "llama"
+        text = _known_text_fields(llm, "qwen2" if arch == "Qwen2ForCausalLM" else "llama")
     text["vocab_size"] = vocab_rows
+    text.update(special_ids or {})
     text["tie_word_embeddings"] = False  # InternVLChatConfig forces untied embeddings
     return text
 
@@ -391,7 +417,9 @@ def build_config(config: dict, tokenizer, vocab_rows: int, decoder_ffn_dim: int 
     width = vision_config.hidden_size
     return MLLMSegConfig(
         vision_config=vision_config,
-        text_config=_text_config(config["llm_config"], vocab_rows),
+        text_config=_text_config(config["llm_config"], vocab_rows, special_ids={
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}),
         downsample_ratio=config.get("downsample_ratio", 0.5),
         vision_feature_layer=config.get("select_layer", -1),
         vision_feature_select_strategy="default",
@@ -407,21 +435,91 @@ def build_config(config: dict, tokenizer, vocab_rows: int, decoder_ffn_dim: int 
 # Driver
 # ---------------------------------------------------------------------------------------------------------------
 def _load_tokenizer(src: Path, tokenizer):
-    """The source's tokenizer, never through remote code: every OpenGVLab / MLLMSeg release names its own tokenizer
-    classes in `auto_map` (`AutoTokenizer` would ask to run them), but ships `tokenizer.json`, which the fast
-    tokenizer reads as it is (special tokens and added tokens from `tokenizer_config.json`)."""
+    """The source's tokenizer as a fast tokenizer, never through remote code: every OpenGVLab / MLLMSeg release
+    names its own tokenizer classes in `auto_map` (`AutoTokenizer` would ask to run them). A `tokenizer.json` is read
+    as it is (special and added tokens from `tokenizer_config.json`); a sentencepiece `tokenizer.model` alone (the
+    InternLM2-based releases) is converted here, see [`fast_tokenizer_from_sentencepiece`]."""
     from transformers import PreTrainedTokenizerFast
 
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
         return tokenizer
     where = Path(tokenizer) if tokenizer is not None else src
-    if not (where / "tokenizer.json").is_file():
+    if (where / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(where)
+    if (where / "tokenizer.model").is_file():
+        return fast_tokenizer_from_sentencepiece(where)
+    if (where / "vocab.json").is_file() and (where / "merges.txt").is_file():
+        return _qwen2_tokenizer_from_vocab(where)
+    raise ValueError(f"{where} has no tokenizer.json (a fast tokenizer), tokenizer.model (sentencepiece) or "
+                     "vocab.json + merges.txt (Qwen2): pass a folder holding the release's tokenizer with "
+                     "tokenizer=/--tokenizer")
+
+
+def _qwen2_tokenizer_from_vocab(folder: Path):
+    """A Qwen2 release saved by the slow tokenizer (vocab.json + merges.txt, no tokenizer.json): transformers' own
+    `Qwen2Tokenizer` (no remote code) rebuilds it with Qwen2's pre-tokenizer; other BPE families are refused, since
+    their pre-tokenization is not known here."""
+    from transformers import Qwen2Tokenizer
+
+    config_path = folder / "tokenizer_config.json"
+    declared = json.loads(config_path.read_text()).get("tokenizer_class") if config_path.is_file() else None
+    if declared not in ("Qwen2Tokenizer", "Qwen2TokenizerFast"):
+        raise ValueError(f"{config_path}: tokenizer_class {declared!r} with vocab.json + merges.txt and no "
+                         "tokenizer.json; only Qwen2 tokenizers are rebuilt from those files: pass a folder holding a "
+                         "tokenizer.json with tokenizer=/--tokenizer")
+    return Qwen2Tokenizer.from_pretrained(folder)
+
+
+def _require_sentencepiece(model_file: Path) -> None:
+    """transformers reads a sentencepiece model with the `sentencepiece` package and its protobuf schema."""
+    missing = []
+    for package, module in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(package)
+    if missing:
         raise ValueError(
-            f"{where} has no tokenizer.json (a fast tokenizer); InternLM2-based releases may ship only a sentencepiece "
-            "tokenizer.model, which needs their remote code: pass a folder holding a fast tokenizer with "
-            "tokenizer=/--tokenizer (e.g. one saved by the release's own AutoTokenizer)"
+            f"{model_file} is a sentencepiece model; turning it into a fast tokenizer needs {' and '.join(missing)}: "
+            "pip install mllmseg[sentencepiece], or pass a folder holding a tokenizer.json with --tokenizer "
+            "(tokenizer= in Python)"
         )
-    return PreTrainedTokenizerFast.from_pretrained(where)
+
+
+def fast_tokenizer_from_sentencepiece(folder: str | Path):
+    """A fast tokenizer built locally from `folder/tokenizer.model` (sentencepiece) and the folder's
+    `tokenizer_config.json` / `special_tokens_map.json` (added tokens at their ids, BOS / EOS / PAD, `add_bos_token`),
+    without the release's remote-code tokenizer class.
+
+    It follows the sentencepiece model's own settings (BPE merges by piece score, byte fallback, dummy prefix,
+    whitespace handling, user-defined pieces kept whole), so it encodes as `SentencePieceProcessor.encode` does on
+    the text between added tokens. The one place that touches transformers' sentencepiece conversion:
+    `TokenizersBackend.from_pretrained` converts a `tokenizer.model` when no `tokenizer.json` is present (public
+    class; the conversion itself is transformers' `convert_slow_tokenizer.SpmConverter`). Every added token of
+    `tokenizer_config.json` is checked to keep its id.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    model_file = folder / "tokenizer.model"
+    if not model_file.is_file():
+        raise FileNotFoundError(f"{model_file}: missing")
+    _require_sentencepiece(model_file)
+    try:
+        tok = PreTrainedTokenizerFast.from_pretrained(folder, vocab_file=str(model_file))
+    except Exception as error:  # transformers falls back to reading it as tiktoken, which then fails obscurely
+        raise ValueError(f"{model_file}: the sentencepiece model could not be converted to a fast tokenizer ({error}); "
+                         "check the sentencepiece / protobuf versions (pip install mllmseg[sentencepiece]) or pass a "
+                         "folder holding a tokenizer.json with --tokenizer") from error
+    config_path = folder / "tokenizer_config.json"
+    declared = json.loads(config_path.read_text()).get("added_tokens_decoder", {}) if config_path.is_file() else {}
+    vocab = tok.get_vocab()
+    wrong = {entry["content"]: (int(i), vocab.get(entry["content"])) for i, entry in declared.items()
+             if vocab.get(entry["content"]) != int(i)}
+    if wrong:
+        raise ValueError(f"{config_path}: added tokens changed ids in the sentencepiece conversion "
+                         f"(token: (declared, got)): {dict(list(wrong.items())[:20])}")
+    return tok
 
 
 def _restore_dtypes(model, weights: Path, dtypes: dict) -> None:
@@ -527,5 +625,5 @@ def convert_internvl(src: str | Path, dst: str | Path, *, tokenizer=None, lora_s
 
 __all__ = [
     "convert_upstream", "convert_internvl", "convert_state_dict", "merge_lora_weights", "split_internlm2_wqkv",
-    "split_vit_qkv", "load_source_state_dict", "load_source_config", "build_config",
+    "split_vit_qkv", "load_source_state_dict", "load_source_config", "build_config", "fast_tokenizer_from_sentencepiece",
 ]

@@ -24,12 +24,14 @@ dataset. The Hub rows hold no pixels: images come from ``image_root / image_path
 ``datasets.Image`` feature, PIL image or ``{"bytes", "path"}``).
 
 Rows are grouped by image into :class:`~mllmseg.data.records.ReferringSample` s with one
-:class:`~mllmseg.data.records.Referent` per sentence, as the ``refer`` loaders do; masks are decoded (with the
-same rasterisation) only when a sample is accessed.
+:class:`~mllmseg.data.records.Referent` per sentence, as the ``refer`` loaders do. Every kept row is checked when the
+adapter is built (JSON columns, image size, boxes, polygon / RLE geometry, sentences), so bad data fails before a
+long run starts with a `BadRecordError` naming the dataset, the row and the field (or, with
+``on_bad_record="skip"``, is left out and listed in ``skipped``); masks are decoded (with the same rasterisation)
+only when a sample is accessed.
 """
 from __future__ import annotations
 
-import io
 import json
 from functools import partial
 from pathlib import Path
@@ -38,9 +40,18 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from ..remote_code.image_processing_mllmseg import to_rgb
-from .masks import decode_segmentation
-from .records import Referent, ReferringSample, union_box, xywh_to_xyxy
+from ..remote_code.image_processing_mllmseg import ImageLoadError, load_image, to_rgb
+from .masks import BadSegmentationError, decode_segmentation, validate_segmentation
+from .records import (
+    BadRecordError,
+    Referent,
+    ReferringSample,
+    check_bbox,
+    check_on_bad_record,
+    image_size,
+    union_box,
+    xywh_to_xyxy,
+)
 
 REQUIRED_COLUMNS = ("ref_id", "image_id", "split", "sentences", "raw_anns", "raw_image_info")
 IMAGE_COLUMN = "image"
@@ -55,10 +66,13 @@ class HubRefCOCODataset:
             column. ``None``: ``image_path`` is used as it is.
         split: keep rows whose ``split`` column is this value (or one of these values); ``None`` keeps all.
         text_key: sentence field used as the expression, ``"sent"`` (default) or ``"raw"``.
+        on_bad_record: ``"error"`` (default): stop at the first bad row; ``"skip"``: leave bad rows out and list
+            their messages in ``self.skipped``.
+        source: how messages name the dataset (default: its cache file, or its name).
 
     Raises:
-        ValueError: a required column is missing (at construction) or a row is malformed (when its sample is
-            built; the message names the ref_id and the problem).
+        ValueError: a required column is missing.
+        BadRecordError: a malformed row (at construction; names the dataset, the row, its ref_id and the field).
         FileNotFoundError: an image file is missing (when ``sample.image`` is read; names the path).
     """
 
@@ -68,7 +82,12 @@ class HubRefCOCODataset:
         image_root: Optional[Union[str, Path]] = None,
         split: Optional[Union[str, Sequence[str]]] = None,
         text_key: str = "sent",
+        on_bad_record: str = "error",
+        source: Optional[str] = None,
     ):
+        self.on_bad_record = check_on_bad_record(on_bad_record)
+        self.skipped: List[str] = []
+        self.source = source or _dataset_name(dataset)
         missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
         if missing:
             raise ValueError(f"dataset lacks column(s) {missing} of the jxu124/refcoco schema "
@@ -82,11 +101,21 @@ class HubRefCOCODataset:
         self._rows = dataset.remove_columns([IMAGE_COLUMN]) if self._has_image_column else dataset
 
         wanted = None if split is None else ({split} if isinstance(split, str) else set(split))
-        index = self._rows.select_columns(["image_id", "split"])
         self._by_image: Dict[Any, List[int]] = {}
-        for row, (image_id, row_split) in enumerate(zip(index["image_id"], index["split"])):
-            if wanted is None or row_split in wanted:
-                self._by_image.setdefault(image_id, []).append(row)
+        columns = [c for c in (*REQUIRED_COLUMNS, "ann_id", "bbox") if c in self._rows.column_names]
+        row = 0
+        for batch in self._rows.select_columns(columns).iter(batch_size=1000):
+            for values in zip(*(batch[c] for c in columns)):
+                record = dict(zip(columns, values))
+                if wanted is None or record["split"] in wanted:
+                    try:
+                        self._check_row(record, row)
+                        self._by_image.setdefault(record["image_id"], []).append(row)
+                    except BadRecordError as error:
+                        if self.on_bad_record == "error":
+                            raise
+                        self.skipped.append(str(error))
+                row += 1
         self.image_ids: List[Any] = list(self._by_image)
 
     def __len__(self) -> int:
@@ -109,21 +138,15 @@ class HubRefCOCODataset:
         image_id = self.image_ids[index]
         rows = self._by_image[image_id]
         records = [self._rows[r] for r in rows]
-
-        info = _parse_json(records[0], "raw_image_info")
-        try:
-            height, width = int(info["height"]), int(info["width"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"ref_id {records[0]['ref_id']}: raw_image_info has no usable height/width") from e
+        # Rows were checked at construction: what follows cannot fail on their content.
+        info = _parse_json(records[0], "raw_image_info", self._where(rows[0], records[0]))
+        height, width = image_size(info)
 
         referents = []
-        for record in records:
-            mask, box, no_target = self._target(record, height, width)
+        for row, record in zip(rows, records):
+            mask, box, no_target = self._target(record, height, width, self._where(row, record))
             for sentence in record["sentences"]:
-                text = sentence.get(self.text_key) or sentence.get("raw" if self.text_key == "sent" else "sent")
-                if not isinstance(text, str):
-                    raise ValueError(f"ref_id {record['ref_id']}: sentence {sentence!r} has no text")
-                referents.append(Referent(text=text, mask=mask.copy(), box=box, no_target=no_target,
+                referents.append(Referent(text=self._text(sentence), mask=mask.copy(), box=box, no_target=no_target,
                                           ref_id=record["ref_id"], sent_id=sentence.get("sent_id")))
 
         splits = {record["split"] for record in records}
@@ -143,58 +166,110 @@ class HubRefCOCODataset:
             raise ValueError(f"ref_id {record['ref_id']}: neither image_path nor raw_image_info.file_name names the image")
         return self.image_root / relative if self.image_root is not None else Path(relative)
 
-    def _target(self, record: dict, height: int, width: int):
-        """Union mask bool ``[H, W]``, union xyxy box and no-target flag of one row."""
-        ref_id = record["ref_id"]
-        anns = _parse_json(record, "raw_anns")
+    def _where(self, row: int, record: dict) -> str:
+        return f"{self.source}: row {row} (ref_id {record.get('ref_id')})"
+
+    def _text(self, sentence) -> str:
+        """The expression of one ``sentences`` entry (``text_key``, else the other field); `ValueError` if none."""
+        fallback = "raw" if self.text_key == "sent" else "sent"
+        text = (sentence.get(self.text_key) or sentence.get(fallback)) if isinstance(sentence, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"sentence {sentence!r} has no {self.text_key!r} text")
+        return text
+
+    def _check_row(self, record: dict, row: int) -> None:
+        """`BadRecordError` naming the row and the field unless the row can become referents (nothing is
+        rasterised: polygons and RLE are checked with `validate_segmentation`)."""
+        where = self._where(row, record)
+        try:
+            height, width = image_size(_parse_json(record, "raw_image_info", where))
+        except ValueError as e:
+            raise BadRecordError(f"{where}: raw_image_info: {e}") from None
+        self._annotations(record, height, width, where)
+        sentences = record["sentences"]
+        if not isinstance(sentences, list) or not sentences:
+            raise BadRecordError(f"{where}: 'sentences' must be a non-empty list")
+        for sentence in sentences:
+            try:
+                self._text(sentence)
+            except ValueError as e:
+                raise BadRecordError(f"{where}: sentences: {e}") from None
+
+    def _annotations(self, record: dict, height: int, width: int, where: str) -> tuple:
+        """The row's COCO annotations (validated) and its box: ``(anns, xyxy box or None)``; no annotation means
+        no target."""
+        anns = _parse_json(record, "raw_anns", where)
         anns = [anns] if isinstance(anns, dict) else anns
         if not isinstance(anns, list) or not all(isinstance(a, dict) for a in anns):
-            raise ValueError(f"ref_id {ref_id}: raw_anns must hold a COCO annotation dict or a list of them")
-        mask = np.zeros((height, width), dtype=bool)
+            raise BadRecordError(f"{where}: raw_anns must hold a COCO annotation dict or a list of them")
         if not anns:
-            return mask, None, True
+            return anns, None
         boxes = []
         for ann in anns:
-            ann_id = ann.get("id", record.get("ann_id"))
+            label = f"{where}: raw_anns: annotation {ann.get('id', record.get('ann_id'))}"
             if "segmentation" not in ann:
-                raise ValueError(f"ref_id {ref_id}: annotation {ann_id} in raw_anns has no 'segmentation'")
+                raise BadRecordError(f"{label} has no 'segmentation'")
+            try:
+                validate_segmentation(ann["segmentation"], height, width)
+            except BadSegmentationError as e:
+                raise BadRecordError(f"{label}: 'segmentation': {e}") from None
+            if "bbox" in ann:
+                try:
+                    check_bbox(ann["bbox"])
+                except ValueError as e:
+                    raise BadRecordError(f"{label}: {e}") from None
+                boxes.append(tuple(float(v) for v in xywh_to_xyxy(ann["bbox"])))
+        if len(boxes) == len(anns):
+            return anns, union_box(boxes)
+        column = record.get("bbox")
+        try:
+            check_bbox(column)  # the bbox column is already x1, y1, x2, y2: the same 4 finite numbers
+        except ValueError:
+            raise BadRecordError(f"{where}: no bbox in raw_anns, and the bbox column is {column!r}") from None
+        return anns, tuple(float(v) for v in column)
+
+    def _target(self, record: dict, height: int, width: int, where: str):
+        """Union mask bool ``[H, W]``, union xyxy box and no-target flag of one row."""
+        anns, box = self._annotations(record, height, width, where)
+        mask = np.zeros((height, width), dtype=bool)
+        for ann in anns:
             try:
                 part = decode_segmentation(ann["segmentation"], height, width)
             except Exception as e:  # pycocotools raises TypeError / ValueError / IndexError on bad input
-                raise ValueError(f"ref_id {ref_id}: annotation {ann_id}: bad segmentation: {e}") from e
-            if part.shape != (height, width):
-                raise ValueError(f"ref_id {ref_id}: annotation {ann_id}: segmentation decodes to {part.shape}, "
-                                 f"image is {(height, width)}")
+                raise BadRecordError(f"{where}: annotation {ann.get('id')}: bad segmentation: {e}") from e
             mask |= part
-            if "bbox" in ann:
-                boxes.append(tuple(float(v) for v in xywh_to_xyxy(ann["bbox"])))
-        if len(boxes) == len(anns):
-            box = union_box(boxes)
-        elif record.get("bbox") is not None and len(record["bbox"]) == 4:
-            box = tuple(float(v) for v in record["bbox"])  # this column is already x1, y1, x2, y2
-        else:
-            raise ValueError(f"ref_id {ref_id}: no bbox in raw_anns nor in the bbox column")
-        return mask, box, False
+        return mask, box, not anns
 
 
-def _parse_json(record: dict, column: str):
+def _dataset_name(dataset) -> str:
+    """A name for messages: the dataset's first cache file, else its builder name."""
+    files = getattr(dataset, "cache_files", None) or []
+    if files and files[0].get("filename"):
+        return str(files[0]["filename"])
+    name = getattr(getattr(dataset, "info", None), "dataset_name", None)
+    return f"dataset {name}" if name else "the dataset"
+
+
+def _parse_json(record: dict, column: str, where: str):
     value = record[column]
     if isinstance(value, (dict, list)):  # already decoded by a copy that stores structs
         return value
     try:
         return json.loads(value)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"ref_id {record.get('ref_id')}: column {column!r} is not valid JSON: {e}") from e
+        raise BadRecordError(f"{where}: column {column!r} is not valid JSON: {e}") from None
 
 
 def _open_image(path: Path, height: Optional[int] = None, width: Optional[int] = None) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
-    image = Image.open(path)
+    # The image processor's loader: decoded now (a truncated file fails here, naming it), converted to RGB, in the
+    # stored frame (COCO annotations are drawn in it).
+    image = load_image(path, exif_transpose=False)
     # Masks are rasterised at the recorded size; a different file would silently misalign them.
     if height is not None and image.size != (width, height):
         raise ValueError(f"image {path} is {image.size[0]}x{image.size[1]} but raw_image_info records {width}x{height}")
-    return to_rgb(image, str(path))  # the image processor's conversion (alpha on white, 16-bit scaling)
+    return image
 
 
 def _image_from_row(images, row: int, image_id: Any) -> Image.Image:
@@ -204,7 +279,10 @@ def _image_from_row(images, row: int, image_id: Any) -> Image.Image:
         return to_rgb(cell, f"image of row {row}")
     if isinstance(cell, dict):
         if cell.get("bytes"):
-            return to_rgb(Image.open(io.BytesIO(cell["bytes"])), f"image bytes of row {row}")
+            try:
+                return load_image(cell["bytes"], exif_transpose=False)  # decoded now: a cut file fails here
+            except ImageLoadError as e:
+                raise ImageLoadError(f"image_id {image_id}: image bytes of row {row}: {e}") from e
         if cell.get("path"):
             return _open_image(Path(cell["path"]))
     raise ValueError(f"image_id {image_id}: image column holds {type(cell).__name__}, not an image")

@@ -9,6 +9,7 @@ Box convention: ``(x1, y1, x2, y2)`` in pixels, continuous coordinates (COCO ``[
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -18,6 +19,51 @@ from PIL import Image
 from ..remote_code.image_processing_mllmseg import to_rgb
 
 Box = Tuple[float, float, float, float]
+
+ON_BAD_RECORD = ("error", "skip")
+
+
+class BadRecordError(ValueError):
+    """An annotation record that cannot be used as it is. The message names the file (or dataset), the record
+    (position, ref / ann / image id) and the field."""
+
+
+def check_on_bad_record(value: str, name: str = "on_bad_record") -> str:
+    """`"error"` (stop at the first bad record) or `"skip"` (leave it out and count it); anything else is refused
+    (the message calls the setting `name`)."""
+    if value not in ON_BAD_RECORD:
+        raise ValueError(f"{name} must be 'error' or 'skip', got {value!r}")
+    return value
+
+
+def skipped_records(samples) -> List[str]:
+    """The messages of the records a loader left out (`on_bad_record="skip"`), for one loader or a
+    `torch.utils.data.ConcatDataset` of them; loaders that skip nothing (synthetic) contribute none."""
+    parts = getattr(samples, "datasets", None) or [samples]
+    return [message for part in parts for message in getattr(part, "skipped", [])]
+
+
+def image_size(info: dict) -> Tuple[int, int]:
+    """``(height, width)`` of a COCO image record; `ValueError` naming the field when missing or not a positive
+    integer (the message is meant to follow a "where" prefix)."""
+    size = []
+    for key in ("height", "width"):
+        if key not in info:
+            raise ValueError(f"missing {key!r}")
+        value = info[key]
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value != int(value) or value < 1):
+            raise ValueError(f"{key!r} must be a positive integer, got {value!r}")
+        size.append(int(value))
+    return size[0], size[1]
+
+
+def check_bbox(bbox: Any) -> None:
+    """`ValueError` unless ``bbox`` is 4 finite numbers ``[x, y, w, h]`` with ``w, h >= 0``."""
+    numbers = isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
+    if not numbers or bbox[2] < 0 or bbox[3] < 0:
+        raise ValueError(f"'bbox' must be 4 finite numbers [x, y, w, h] with w, h >= 0, got {bbox!r}")
 
 
 @dataclass

@@ -13,9 +13,11 @@ no real file.
 
 Samples are grouped by image: one :class:`~mllmseg.data.records.ReferringSample` per image with one
 :class:`~mllmseg.data.records.Referent` per sentence (the evaluation unit). Indexing, ids and splits are
-read at construction, and every record used is validated then (missing keys, unknown ``ann_id`` / ``image_id``),
-so bad data fails before a long run starts. Masks are decoded only when a sample is accessed and the image is
-read only when ``sample.image`` is.
+read at construction, and every record used is validated then (missing keys, unknown ``ann_id`` / ``image_id``,
+image sizes, boxes, polygon / RLE geometry), so bad data fails before a long run starts, with a `BadRecordError`
+naming the file, the record and the field; with ``on_bad_record="skip"`` bad records are left out instead and listed
+in ``dataset.skipped``. Masks are decoded only when a sample is accessed and the image is read only when
+``sample.image`` is.
 """
 from __future__ import annotations
 
@@ -29,9 +31,18 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
-from ..remote_code.image_processing_mllmseg import to_rgb
-from .masks import decode_segmentation
-from .records import Referent, ReferringSample, union_box, xywh_to_xyxy
+from ..remote_code.image_processing_mllmseg import load_image
+from .masks import BadSegmentationError, decode_segmentation, validate_segmentation
+from .records import (
+    BadRecordError,
+    Referent,
+    ReferringSample,
+    check_bbox,
+    check_on_bad_record,
+    image_size,
+    union_box,
+    xywh_to_xyxy,
+)
 
 # splitBy values published for each dataset; the first is the default.
 SPLIT_BY = {
@@ -82,10 +93,20 @@ class _RefsUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refs pickle asks for {module}.{name}; only plain containers are allowed")
 
 
+def read_json_file(path: Path):
+    """A JSON file's content; a syntax error names the file, line and column."""
+    with open(path, "r", encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text: {e}") from None
+
+
 def _load_refs_file(path: Path) -> list:
     if path.suffix == ".json":
-        with open(path, "r", encoding="utf-8") as f:
-            refs = json.load(f)
+        refs = read_json_file(path)
     else:
         with open(path, "rb") as f:
             try:
@@ -122,10 +143,14 @@ class ReferDataset:
             in ``instances.json``); default COCO train2014 naming, or ``images/saiapr_tc-12/{file_name}`` for RefCLEF.
         text_key: sentence field used as the expression (``"sent"``: lower-cased and tokenised, as the
             reference evaluates; ``"raw"``: original text). Falls back to the other one when absent.
+        on_bad_record: ``"error"`` (default): stop at the first bad record; ``"skip"``: leave bad records out (a bad
+            image or annotation takes the refs that use it along) and list their messages in ``self.skipped``.
 
     Raises:
         FileNotFoundError: a folder or file is missing (the message names the full path).
-        ValueError: a malformed record (the message names its ref_id / ann_id and the problem).
+        ValueError: an unreadable file (names it, and the line and column of a JSON syntax error).
+        BadRecordError: a malformed record (names the file, its position or ref_id / ann_id / image_id, the field
+            and the problem).
     """
 
     def __init__(
@@ -137,7 +162,10 @@ class ReferDataset:
         image_root: Optional[PathLike] = None,
         image_template: Optional[str] = None,
         text_key: str = "sent",
+        on_bad_record: str = "error",
     ):
+        self.on_bad_record = check_on_bad_record(on_bad_record)
+        self.skipped: List[str] = []
         if split_by is None:
             if dataset not in SPLIT_BY:
                 raise ValueError(f"unknown dataset {dataset!r}: pass split_by (known: {sorted(SPLIT_BY)})")
@@ -160,24 +188,29 @@ class ReferDataset:
         if not self.instances_path.is_file():
             raise FileNotFoundError(f"instances file not found: {self.instances_path}")
 
-        with open(self.instances_path, "r", encoding="utf-8") as f:
-            instances = json.load(f)
+        instances = read_json_file(self.instances_path)
+        if not isinstance(instances, dict):
+            raise ValueError(f"{self.instances_path}: expected a JSON object, got {type(instances).__name__}")
         for key in ("images", "annotations"):
-            if key not in instances:
-                raise ValueError(f"{self.instances_path}: missing top-level key {key!r}")
-        self._images: Dict[Any, dict] = {img["id"]: img for img in instances["images"]}
-        self._anns: Dict[Any, dict] = {ann["id"]: ann for ann in instances["annotations"]}
+            if not isinstance(instances.get(key), list):
+                raise ValueError(f"{self.instances_path}: missing top-level list {key!r}")
+        self._images: Dict[Any, dict] = self._index(instances["images"], "image")
+        self._anns: Dict[Any, dict] = self._index(instances["annotations"], "annotation")
 
         wanted = None if split is None else ({split} if isinstance(split, str) else set(split))
         self.records: List[ReferRecord] = []
         for index, raw in enumerate(_load_refs_file(self.refs_path)):
-            if not isinstance(raw, dict):
-                raise ValueError(f"{self.refs_path}: ref at position {index} is a {type(raw).__name__}, not a dict")
-            if "split" not in raw:
-                raise ValueError(f"{self.refs_path}: {_ref_label(raw, index)}: missing key 'split'")
-            if wanted is not None and raw["split"] not in wanted:
-                continue
-            self.records.append(self._validate(raw, index))
+            try:
+                if not isinstance(raw, dict):
+                    raise BadRecordError(f"{self.refs_path}: ref at position {index} is a {type(raw).__name__}, "
+                                         "not a dict")
+                if "split" not in raw:
+                    raise BadRecordError(f"{self.refs_path}: {_ref_label(raw, index)}: missing key 'split'")
+                if wanted is not None and raw["split"] not in wanted:
+                    continue
+                self.records.append(self._validate(raw, index))
+            except BadRecordError as error:
+                self._bad_record(error)
 
         # Group by image, keeping first-appearance order so that indices are stable across runs.
         self._by_image: Dict[Any, List[ReferRecord]] = {}
@@ -186,6 +219,29 @@ class ReferDataset:
         self.image_ids: List[Any] = list(self._by_image)
 
     # ------------------------------------------------------------------ construction helpers
+
+    def _bad_record(self, error: BadRecordError) -> None:
+        """Stop (``on_bad_record="error"``) or note the record as skipped."""
+        if self.on_bad_record == "error":
+            raise error
+        self.skipped.append(str(error))
+
+    def _index(self, records: list, kind: str) -> Dict[Any, dict]:
+        """id -> record for instances.json's images / annotations; a record without an id is a bad record."""
+        index = {}
+        for position, record in enumerate(records):
+            try:
+                if not isinstance(record, dict):
+                    raise BadRecordError(f"{self.instances_path}: {kind} at position {position} is a "
+                                         f"{type(record).__name__}, not a dict")
+                if "id" not in record:
+                    owner = f" (image_id {record['image_id']})" if "image_id" in record else ""
+                    raise BadRecordError(f"{self.instances_path}: {kind} at position {position}{owner} has no 'id'")
+            except BadRecordError as error:
+                self._bad_record(error)
+                continue
+            index[record["id"]] = record
+        return index
 
     def _find_refs_file(self, folder: Path) -> Path:
         prefix = "grefs" if self.dataset == "grefcoco" else "refs"
@@ -205,7 +261,11 @@ class ReferDataset:
             raise ValueError(f"{where}: missing key(s) {missing}")
         ref_id, image_id = raw["ref_id"], raw["image_id"]
         if image_id not in self._images:
-            raise ValueError(f"{where}: image_id {image_id} not in {self.instances_path}")
+            raise BadRecordError(f"{where}: image_id {image_id} not in {self.instances_path}")
+        try:
+            height, width = image_size(self._images[image_id])
+        except ValueError as e:
+            raise BadRecordError(f"{where}: image_id {image_id} in {self.instances_path}: {e}") from None
 
         # RES refs carry one ann_id, gRefCOCO refs a list; [-1] (with no_target true) marks "no such object".
         ann_field = raw["ann_id"]
@@ -213,34 +273,45 @@ class ReferDataset:
         real_ids = [a for a in ann_ids if a != -1]
         no_target = bool(raw.get("no_target", False)) or (len(ann_ids) > 0 and not real_ids)
         if no_target and real_ids:
-            raise ValueError(f"{where}: no_target is true but ann_id lists annotations {real_ids}")
+            raise BadRecordError(f"{where}: no_target is true but ann_id lists annotations {real_ids}")
         if not no_target and not real_ids:
-            raise ValueError(f"{where}: ann_id is empty")
+            raise BadRecordError(f"{where}: ann_id is empty")
         for ann_id in real_ids:
             ann = self._anns.get(ann_id)
             if ann is None:
-                raise ValueError(f"{where}: ann_id {ann_id} not in {self.instances_path}")
-            if ann.get("image_id") != image_id:
-                raise ValueError(f"{where}: ann_id {ann_id} belongs to image {ann.get('image_id')}, not {image_id}")
-            for key in ("segmentation", "bbox"):
-                if key not in ann:
-                    raise ValueError(f"{where}: ann_id {ann_id} has no {key!r}")
-            bbox = ann["bbox"]
-            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-                raise ValueError(f"{where}: ann_id {ann_id} has a malformed bbox {bbox!r} (want [x, y, w, h])")
+                raise BadRecordError(f"{where}: ann_id {ann_id} not in {self.instances_path}")
+            self._check_annotation(ann, image_id, height, width, f"{where}: ann_id {ann_id} in {self.instances_path}")
 
         sentences = raw["sentences"]
         if not isinstance(sentences, (list, tuple)) or len(sentences) == 0:
-            raise ValueError(f"{where}: 'sentences' must be a non-empty list")
+            raise BadRecordError(f"{where}: 'sentences' must be a non-empty list")
         parsed = []
         fallback = "raw" if self.text_key == "sent" else "sent"
         for sentence in sentences:
             text = sentence.get(self.text_key, sentence.get(fallback)) if isinstance(sentence, dict) else None
             if not isinstance(text, str):
-                raise ValueError(f"{where}: sentence {sentence!r} has no {self.text_key!r} text")
+                raise BadRecordError(f"{where}: sentence {sentence!r} has no {self.text_key!r} text")
             parsed.append((text, sentence.get("sent_id")))
         return ReferRecord(ref_id=ref_id, image_id=image_id, split=raw["split"], ann_ids=tuple(real_ids),
                            no_target=no_target, sentences=tuple(parsed))
+
+    @staticmethod
+    def _check_annotation(ann: dict, image_id: Any, height: int, width: int, where: str) -> None:
+        """`BadRecordError` (prefixed with ``where``) unless the annotation belongs to the image and its box and
+        segmentation can be used: checked without rasterising (`validate_segmentation`)."""
+        if ann.get("image_id") != image_id:
+            raise BadRecordError(f"{where}: belongs to image {ann.get('image_id')}, not {image_id}")
+        for key in ("segmentation", "bbox"):
+            if key not in ann:
+                raise BadRecordError(f"{where}: has no {key!r}")
+        try:
+            check_bbox(ann["bbox"])
+        except ValueError as e:
+            raise BadRecordError(f"{where}: {e}") from None
+        try:
+            validate_segmentation(ann["segmentation"], height, width)
+        except BadSegmentationError as e:
+            raise BadRecordError(f"{where}: 'segmentation': {e}") from None
 
     # ------------------------------------------------------------------ access
 
@@ -267,8 +338,7 @@ class ReferDataset:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         image_id = self.image_ids[index]
-        info = self._images[image_id]
-        height, width = int(info["height"]), int(info["width"])
+        height, width = image_size(self._images[image_id])  # checked at construction
 
         referents = []
         for record in self._by_image[image_id]:
@@ -289,13 +359,13 @@ class ReferDataset:
         boxes = []
         for ann_id in record.ann_ids:
             ann = self._anns[ann_id]
+            where = f"{self.instances_path}: ann_id {ann_id} (ref_id {record.ref_id})"
             try:
                 part = decode_segmentation(ann["segmentation"], height, width)
             except Exception as e:  # pycocotools raises TypeError / ValueError / IndexError on bad input
-                raise ValueError(f"ann_id {ann_id} (ref_id {record.ref_id}): bad segmentation: {e}") from e
+                raise BadRecordError(f"{where}: bad segmentation: {e}") from e
             if part.shape != (height, width):
-                raise ValueError(f"ann_id {ann_id} (ref_id {record.ref_id}): bad segmentation: decoded to "
-                                 f"{part.shape}, image is {(height, width)}")
+                raise BadRecordError(f"{where}: bad segmentation: decoded to {part.shape}, image is {(height, width)}")
             mask |= part
             boxes.append(tuple(float(v) for v in xywh_to_xyxy(ann["bbox"])))
         return mask, union_box(boxes)
@@ -313,8 +383,10 @@ class GRefCOCODataset(ReferDataset):
 def _open_image(path: Path, height: int, width: int) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
-    image = Image.open(path)
+    # The image processor's loader: decoded now (a truncated file fails here, naming it), RGB as it converts (alpha
+    # on white, 16-bit scaling), in the stored frame, in which COCO-style annotations are drawn.
+    image = load_image(path, exif_transpose=False)
     # Masks are rasterised at the recorded size; a different file would silently misalign them.
     if image.size != (width, height):
         raise ValueError(f"image {path} is {image.size[0]}x{image.size[1]} but instances.json records {width}x{height}")
-    return to_rgb(image, str(path))  # the image processor's conversion (alpha on white, 16-bit scaling)
+    return image

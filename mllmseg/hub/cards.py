@@ -7,8 +7,9 @@ Hub metadata choices:
 
 * ``pipeline_tag: image-segmentation``: what the model is scored on (masks, cIoU/gIoU) and what people filter for
   when looking for a referring segmentation model. ``image-text-to-text`` would describe the chat side, which is
-  the unchanged InternVL behaviour; it is kept as a tag. Neither tag makes ``transformers.pipeline`` work (the model
-  is used through ``model.segment`` / ``model.chat``); the tag is for discovery and the inference widget is off.
+  the unchanged InternVL behaviour; it is kept as a tag. Saved checkpoints register a custom ``image-segmentation``
+  pipeline (``pipeline_mllmseg.py``), so ``transformers.pipeline("image-segmentation", model=repo,
+  trust_remote_code=True)`` works with ``expressions=``; the Hub's inference widget cannot pass expressions and is off.
 * ``library_name: transformers`` (remote code, loaded with ``trust_remote_code=True``).
 * metric values in the card and in ``model-index`` are percentages (two decimals), as the field reports them.
 """
@@ -31,7 +32,7 @@ METRICS: list[tuple[str, str, str]] = [
 ]
 
 METRICS_NOTES = (
-    "Metrics (percent; SPEC of the MLLMSeg package): **cIoU** = total intersection / total union over the split. "
+    "Metrics (percent): **cIoU** = total intersection / total union over the split. "
     "**gIoU** is reported in both conventions in use: the mean of per-expression IoU (LISA) and the mean over images "
     "of the per-image mean IoU (the MLLMSeg reference evaluation). **Prec@0.5 (REC)**: the box of the predicted mask "
     "has IoU > 0.5 with the ground-truth box. **N-acc / T-acc** (GRES): share of no-target expressions answered "
@@ -146,6 +147,87 @@ def _format_count(n: int | None) -> str:
     return f"{n:,}"
 
 
+def _source_line(spec: dict) -> tuple[str, str | None]:
+    """One `data.train:` source -> (card line, Hub dataset id or None)."""
+    kind = spec.get("type")
+    if kind == "refer":
+        name = spec.get("dataset", "?")
+        display, hub_id = DATASETS.get(name, (name, None))
+        by = f", split by {spec['split_by']}" if spec.get("split_by") else ""
+        return f"{display} ({split_text(spec.get('split', 'train'))}{by})", hub_id
+    if kind == "grefcoco":
+        return f"gRefCOCO ({split_text(spec.get('split', 'train'))})", None
+    if kind == "hub":
+        path = str(spec.get("path", "?"))
+        hub_id = path if path.count("/") == 1 and not Path(path).exists() else None
+        return f"`{hub_id or Path(path).name}` ({spec.get('hub_split', 'train')} split, RefCOCO schema)", hub_id
+    if kind == "synthetic":
+        count = spec.get("num_images")
+        return DATASETS["synthetic"][0] + (f", {count:,} generated scenes" if isinstance(count, int) else ""), None
+    return f"{kind} source", None
+
+
+def training_sources(recipe: dict | None) -> list[dict]:
+    specs = ((recipe or {}).get("data") or {}).get("train") or []
+    return [specs] if isinstance(specs, dict) else list(specs)
+
+
+def training_datasets(recipe: dict | None) -> list[str]:
+    """Hub dataset ids of what the recipe trained on (the card's `datasets:` means training data)."""
+    return sorted({hub_id for spec in training_sources(recipe) if (hub_id := _source_line(spec)[1])})
+
+
+def _fine_tuning_line(recipe: dict, trainable: dict | None) -> str:
+    lora = recipe.get("lora")
+    if lora:
+        text = (f"LoRA r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout', 0.0)} on the "
+                "language model; the ViT and the projector frozen; the mask decoder trained")
+    else:
+        text = "full fine-tuning (no LoRA)"
+    if trainable and trainable.get("all"):
+        parts = ", ".join(f"{key} {value:,}" for key, value in trainable.items() if key not in ("trainable", "all") and value)
+        text += f"; {trainable['trainable']:,} of {trainable['all']:,} parameters trained" + (f" ({parts})" if parts else "")
+    return text
+
+
+def training_section(summary: dict | None, notes: str = "") -> str:
+    """The card's training section, from the run's own `train_summary.json` (written by `mllmseg train`) and/or
+    the user's notes; says so when neither was given instead of describing a training that may not have happened."""
+    lines: list[str] = []
+    if summary:
+        recipe = summary.get("recipe") or {}
+        training = recipe.get("training") or {}
+        loss = summary.get("train_loss")
+        lines.append(
+            f"Trained with `mllmseg train` (recipe `{recipe.get('name', 'unnamed')}`) for {summary.get('global_step', '?')} "
+            "optimiser steps" + (f"; mean training loss {float(loss):.4f}." if loss is not None else ".")
+        )
+        lines.append("")
+        sources = [_source_line(spec)[0] for spec in training_sources(recipe)]
+        lines.append("* Training data: " + ("; ".join(sources) if sources else "not recorded"))
+        if summary.get("base_model"):
+            lines.append(f"* Started from: `{Path(str(summary['base_model'])).name}`")
+        lines.append("* Fine-tuning: " + _fine_tuning_line(recipe, summary.get("trainable")))
+        batch = training.get("per_device_train_batch_size")
+        accumulation = training.get("gradient_accumulation_steps", 1)
+        optimiser = [f"learning rate {training['learning_rate']}" if "learning_rate" in training else None,
+                     f"{training['lr_scheduler_type']} schedule" if "lr_scheduler_type" in training else None,
+                     f"warmup {training['warmup_steps']} steps" if training.get("warmup_steps") else None,
+                     f"warmup {training['warmup_ratio']:.0%}" if training.get("warmup_ratio") else None,
+                     f"weight decay {training['weight_decay']}" if "weight_decay" in training else None,
+                     f"batch {batch} per device x {accumulation} accumulation" if batch else None]
+        lines.append("* Optimiser: AdamW, " + ", ".join(item for item in optimiser if item))
+        precision = "bf16" if training.get("bf16") else "fp16" if training.get("fp16") else "fp32"
+        checkpointing = training.get("gradient_checkpointing") or training.get("activation_checkpointing")
+        lines.append(f"* Precision: {precision}" + ("; gradient checkpointing" if checkpointing else ""))
+    if notes.strip():
+        lines += ([""] if lines else []) + [notes.strip()]
+    if not lines:
+        return ("_No training record came with this release (no `train_summary.json` next to the checkpoint, no "
+                "`--training-notes`)._")
+    return "\n".join(lines)
+
+
 def build_model_card(
     repo_id: str,
     config: dict | None = None,
@@ -154,6 +236,7 @@ def build_model_card(
     license: str = DEFAULT_LICENSE,
     datasets: Sequence[str] | None = None,
     num_parameters: int | None = None,
+    training_summary: dict | None = None,
     training_notes: str = "",
     template: str | Path | None = None,
 ):
@@ -164,14 +247,17 @@ def build_model_card(
         config: the checkpoint's ``config.json`` as a dict (model details in the card).
         eval_results: `mllmseg evaluate` results dicts; they fill the metrics table and the `model-index`.
         base_model: Hub id of the InternVL model it was fine-tuned from (metadata ``base_model``).
-        datasets: Hub dataset ids for the metadata; default: the known ids of the evaluated datasets.
+        datasets: Hub dataset ids of the training data for the metadata (on the Hub, `datasets:` means training
+            data); default: the known ids of the sources in `training_summary`'s recipe, never the evaluation sets.
+        training_summary: the run's ``train_summary.json`` (steps, loss, recipe), rendered as the training section.
+        training_notes: free text added to the training section (``mllmseg release --training-notes FILE``).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
     config = config or {}
     model_name = repo_id.split("/")[-1]
     if datasets is None:
-        datasets = sorted({DATASETS[r["dataset"]][1] for r in eval_results if DATASETS.get(r.get("dataset"), (0, None))[1]})
+        datasets = training_datasets((training_summary or {}).get("recipe"))
     text_config = config.get("text_config") or {}
     card_data = ModelCardData(
         language=["en"],
@@ -197,7 +283,7 @@ def build_model_card(
         num_parameters=_format_count(num_parameters),
         metrics_table=metrics_table(eval_results),
         metrics_notes=METRICS_NOTES,
-        training_notes=training_notes,
+        training_section=training_section(training_summary, training_notes),
         transformers_range=SUPPORTED_TRANSFORMERS,
     )
     return card

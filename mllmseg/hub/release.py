@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,8 @@ class ReleaseReport:
     remote_code: list[str]
     skipped: list[str] = field(default_factory=list)
     verification: dict | None = None
+    notes: list[str] = field(default_factory=list)  # what was checked / where the card's facts came from
+    num_parameters: int | None = None  # the count the card states
 
 
 # ----------------------------------------------------------------------------------------------------- checks
@@ -131,6 +134,8 @@ def _auto_map_modules(folder: Path) -> dict[str, str]:
         if path.is_file():
             data = _read_json(path)
             collect(data.get("auto_map"), name)
+            pipelines = data.get("custom_pipelines") or {}  # transformers' custom pipelines: {"task": {"impl": ...}}
+            collect({task: entry.get("impl") for task, entry in pipelines.items() if isinstance(entry, dict)}, name)
             for sub in data.values():  # processor_config.json nests the image processor's config
                 if isinstance(sub, dict):
                     collect(sub.get("auto_map"), name)
@@ -183,18 +188,70 @@ def remote_code_closure(folder: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------------- assemble
 
 
-def count_parameters(folder: Path, files: Sequence[str]) -> int:
-    from safetensors import safe_open
+def count_parameters(folder: Path) -> int:
+    """Parameters of the checkpoint's model (`PreTrainedModel.num_parameters`: tied weights once, buffers such as
+    BatchNorm statistics not counted), built on the meta device from its config: the number the verification's
+    loaded model reports too, so the card and the command print one count."""
+    import torch
 
-    total = 0
-    for name in files:
-        with safe_open(str(Path(folder) / name), framework="np") as f:
-            for key in f.keys():
-                n = 1
-                for dim in f.get_slice(key).get_shape():
-                    n *= dim
-                total += n
-    return total
+    from ..remote_code.configuration_mllmseg import MLLMSegConfig
+    from ..remote_code.modeling_mllmseg import MLLMSegForConditionalGeneration
+
+    config = MLLMSegConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = MLLMSegForConditionalGeneration(config)
+    return model.num_parameters()
+
+
+# Published InternVL bases: name -> (language model type after conversion, LLM width, ViT width). From the model
+# cards: 2.5-1B / 3-1B Qwen2.5-0.5B, 2.5-2B InternLM2.5-1.8B, 2.5-4B Qwen2.5-3B, 2.5-8B InternLM2.5-7B, 2.5-26B
+# InternLM2.5-20B, 3-2B Qwen2.5-1.5B, 3-8B Qwen2.5-7B, 3-14B Qwen2.5-14B, 38B Qwen2.5-32B, 78B Qwen2.5-72B; the
+# 26B and larger use InternViT-6B (width 3200), the others InternViT-300M (1024). InternLM2 converts to `llama`.
+KNOWN_BASES: dict[str, tuple[str, int, int]] = {
+    "InternVL2_5-1B": ("qwen2", 896, 1024), "InternVL2_5-2B": ("llama", 2048, 1024),
+    "InternVL2_5-4B": ("qwen2", 2048, 1024), "InternVL2_5-8B": ("llama", 4096, 1024),
+    "InternVL2_5-26B": ("llama", 6144, 3200), "InternVL2_5-38B": ("qwen2", 5120, 3200),
+    "InternVL2_5-78B": ("qwen2", 8192, 3200), "InternVL3-1B": ("qwen2", 896, 1024),
+    "InternVL3-2B": ("qwen2", 1536, 1024), "InternVL3-8B": ("qwen2", 3584, 1024),
+    "InternVL3-14B": ("qwen2", 5120, 1024), "InternVL3-38B": ("qwen2", 5120, 3200),
+    "InternVL3-78B": ("qwen2", 8192, 3200),
+}
+
+
+def check_base_model(base_model: str, config: dict) -> str:
+    """Refuse a `--base-model` whose architecture is not the checkpoint's; returns a line saying what was checked.
+
+    The base must be a Hub id (it becomes the card's `base_model:` metadata). A published InternVL (or an MLLMSeg
+    release named after one, e.g. `MLLMSeg_InternVL2_5_8B_RES`) is compared by its known widths; others cannot be
+    checked offline and are taken as given, which the returned line says."""
+    if base_model.count("/") != 1 or Path(base_model).exists():
+        raise ReleaseError(f"--base-model must be a Hub model id ORG/NAME, got {base_model!r}")
+    match = re.search(r"InternVL(2_5|3)[-_](\d+)B(?![a-z0-9])", base_model.split("/")[1], flags=re.IGNORECASE)
+    known = KNOWN_BASES.get(f"InternVL{match.group(1)}-{match.group(2)}B") if match else None
+    if known is None:
+        return f"base model {base_model}: not a known InternVL release, its architecture was not checked"
+    text, vision = config.get("text_config") or {}, config.get("vision_config") or {}
+    ours = (text.get("model_type"), text.get("hidden_size"), vision.get("hidden_size"))
+    if ours != known:
+        raise ReleaseError(
+            f"--base-model {base_model} is a {known[0]} model of width {known[1]} with a ViT of width {known[2]}, "
+            f"but the checkpoint is {ours[0]} of width {ours[1]} with a ViT of width {ours[2]}: not its base"
+        )
+    return f"base model {base_model}: architecture matches ({known[0]}, width {known[1]}, ViT width {known[2]})"
+
+
+def find_training_summary(model_dir: Path) -> Path | None:
+    """The `train_summary.json` of the run that wrote `model_dir`: in the folder itself, or in its parent when that
+    summary's `final` is this folder (`mllmseg train` writes `<run>/train_summary.json` and `<run>/final/`)."""
+    model_dir = Path(model_dir).resolve()
+    if (model_dir / "train_summary.json").is_file():
+        return model_dir / "train_summary.json"
+    parent = model_dir.parent / "train_summary.json"
+    if parent.is_file():
+        final = _read_json(parent).get("final")
+        if final and (model_dir.parent / final).resolve() in (model_dir, Path(final).resolve()):
+            return parent
+    return None
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -212,8 +269,13 @@ def assemble_release(
     base_model: str | None = None,
     license: str | None = None,
     datasets: Sequence[str] | None = None,
+    training_summary: str | Path | None = None,
+    training_notes: str = "",
 ) -> ReleaseReport:
-    """Check `model_dir` and build the release folder `output_dir` (must be absent or empty) with a README card."""
+    """Check `model_dir` and build the release folder `output_dir` (must be absent or empty) with a README card.
+
+    The card's training section comes from `training_summary` (default: `find_training_summary(model_dir)`) and
+    `training_notes`; `base_model` is checked against the checkpoint's architecture (`check_base_model`)."""
     from .cards import DEFAULT_LICENSE, build_model_card
 
     model_dir, output_dir = Path(model_dir), Path(output_dir)
@@ -231,12 +293,17 @@ def assemble_release(
     skipped = sorted(
         str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file() and p.name not in files
     )
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise ReleaseError(f"release folder {output_dir} exists and is not empty")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for name in files:
-        _place(model_dir / name, output_dir / name)
     config = _read_json(model_dir / "config.json")
+    notes = [check_base_model(base_model, config)] if base_model else []
+    summary_path = Path(training_summary) if training_summary else find_training_summary(model_dir)
+    if training_summary and not summary_path.is_file():
+        raise FileNotFoundError(f"training summary not found: {summary_path}")
+    summary = _read_json(summary_path) if summary_path else None
+    if summary is not None and not isinstance(summary.get("recipe"), dict):
+        raise ReleaseError(f"{summary_path}: not an `mllmseg train` summary (no 'recipe' object)")
+    notes.append(f"training section: {summary_path}" if summary_path else
+                 "training section: no train_summary.json found" + (", from --training-notes" if training_notes else ""))
+    num_parameters = count_parameters(model_dir)
     card = build_model_card(
         repo_id,
         config=config,
@@ -244,10 +311,18 @@ def assemble_release(
         base_model=base_model,
         license=license or DEFAULT_LICENSE,
         datasets=datasets,
-        num_parameters=count_parameters(model_dir, weights),
+        num_parameters=num_parameters,
+        training_summary=summary,
+        training_notes=training_notes,
     )
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise ReleaseError(f"release folder {output_dir} exists and is not empty")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        _place(model_dir / name, output_dir / name)
     card.save(output_dir / "README.md")
-    return ReleaseReport(output_dir, sorted(files + ["README.md"]), code, skipped)
+    return ReleaseReport(output_dir, sorted(files + ["README.md"]), code, skipped, notes=notes,
+                         num_parameters=num_parameters)
 
 
 # --------------------------------------------------------------------------------------------------- verify
@@ -271,7 +346,7 @@ out = {
     "has_chat": callable(getattr(model, "chat", None)),
     "processor_has_image_processor": getattr(processor, "image_processor", None) is not None,
     "mllmseg_modules": leaked,
-    "num_parameters": sum(p.numel() for p in model.parameters()),
+    "num_parameters": model.num_parameters(),
 }
 print("MLLMSEG_VERIFY " + json.dumps(out))
 """

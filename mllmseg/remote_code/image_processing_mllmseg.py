@@ -50,10 +50,14 @@ except ImportError:  # pragma: no cover - torch is always installed with mllmseg
 __all__ = [
     "ALPHA_BACKGROUND",
     "TILING_MODES",
+    "URL_TIMEOUT",
     "ImageLoadError",
     "ImageTooLargeError",
+    "MAX_URL_BYTES",
     "MLLMSegImageProcessor",
     "MLLMSegImageProcessorKwargs",
+    "check_pixels",
+    "is_url",
     "load_image",
     "to_rgb",
 ]
@@ -149,26 +153,103 @@ def to_rgb(image: Image.Image, name: str | None = None) -> Image.Image:
         raise ImageLoadError(f"Cannot convert image of mode {mode!r}{where} to RGB: {err}") from err
 
 
-def _open_file(path: str) -> Image.Image:
-    """Open and fully decode an image file, turning every failure into an error that names the file."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(2, "Image file not found", path)
+def _bomb_message(source: str, err: Exception) -> str:
+    return (
+        f"{source[:1].upper() + source[1:]} is over Pillow's decompression-bomb limit of PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS} "
+        f"pixels ({err}). If the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS (or set it to None) before loading."
+    )
+
+
+def check_pixels(width: int, height: int, max_pixels: int | None, source: str = "Image") -> None:
+    """Refuse an image of more than `max_pixels` pixels (None: no limit beyond Pillow's own) with an
+    `ImageTooLargeError` naming `source`, its size and the limit. Called on the header's size, before decoding."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"{source[:1].upper() + source[1:]} is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} pixels"
+        )
+
+
+def _decode(stream, source: str, max_pixels: int | None) -> Image.Image:
+    """Open and fully decode an image from a path or a binary stream, turning every failure into an error that
+    names `source`; the size limits are checked on the header, before any pixel is decoded."""
     try:
         # Pillow warns between MAX_IMAGE_PIXELS and 2x and raises above 2x. Both mean "over the limit": treat the
         # warning as an error so a 150 MP file fails up front instead of silently using gigabytes.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(stream) as image:
+                check_pixels(image.width, image.height, max_pixels, source)
                 image.load()  # decode now, inside the try, so truncated files fail here and name the file
                 return image
+    except ImageTooLargeError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageTooLargeError(
-            f"Image file {path!r} is over Pillow's decompression-bomb limit of "
-            f"PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS} pixels ({err}). If the file is trusted, raise "
-            "PIL.Image.MAX_IMAGE_PIXELS (or set it to None) before loading."
-        ) from err
+        raise ImageTooLargeError(_bomb_message(source, err)) from err
     except Exception as err:  # UnidentifiedImageError, truncated data, plugin errors (SyntaxError, struct.error...)
-        raise ImageLoadError(f"Cannot read image file {path!r}: {type(err).__name__}: {err}") from err
+        verb = "read" if isinstance(stream, str) else "decode"
+        raise ImageLoadError(f"Cannot {verb} {source}: {type(err).__name__}: {err}") from err
+
+
+def _open_file(path: str, max_pixels: int | None = None) -> Image.Image:
+    """Open and fully decode an image file (errors name the file)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(2, "Image file not found", path)
+    return _decode(path, f"image file {path!r}", max_pixels)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# URLs
+# --------------------------------------------------------------------------------------------------------------------
+
+# Seconds to wait for the connection and for each read of an image URL (transformers' `load_image` passes no
+# timeout by default, so a server that never answers would hang the caller).
+URL_TIMEOUT = 10.0
+# Largest download accepted from an image URL, in bytes (the pixel limits apply on top, once the header is read).
+MAX_URL_BYTES = 256 * 2**20
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def is_url(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(("http://", "https://"))
+
+
+def _offline_variable() -> str | None:
+    """The variable that turns offline mode on, read now (huggingface_hub reads it once, at import)."""
+    for name in _OFFLINE_VARIABLES:
+        if os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+            return name
+    return None
+
+
+def _fetch_url(url: str, timeout: float | None = None) -> bytes:
+    """The bytes at an http(s) URL, or an `ImageLoadError` naming the URL. In offline mode nothing is fetched (no
+    connection is even attempted)."""
+    offline = _offline_variable()
+    if offline:
+        raise ImageLoadError(
+            f"Cannot fetch image URL {url!r}: offline mode is on ({offline}={os.environ[offline]}); download the file "
+            f"and pass its path, or unset {offline}"
+        )
+    import httpx  # a transformers dependency; imported only when a URL is fetched
+
+    timeout = URL_TIMEOUT if timeout is None else float(timeout)
+    chunks, size = [], 0
+    try:
+        with httpx.stream("GET", url, timeout=timeout, follow_redirects=True) as response:
+            if response.status_code != 200:
+                raise ImageLoadError(f"Cannot fetch image URL {url!r}: HTTP {response.status_code} "
+                                     f"{response.reason_phrase}")
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > MAX_URL_BYTES:
+                    raise ImageTooLargeError(f"Image URL {url!r} sends more than MAX_URL_BYTES={MAX_URL_BYTES} bytes")
+                chunks.append(chunk)
+    except httpx.TimeoutException as err:
+        raise ImageLoadError(f"Cannot fetch image URL {url!r}: timed out after {timeout} s "
+                             f"({type(err).__name__})") from err
+    except httpx.HTTPError as err:  # refused connections, DNS failures, bad URLs, protocol errors
+        raise ImageLoadError(f"Cannot fetch image URL {url!r}: {type(err).__name__}: {err}") from err
+    return b"".join(chunks)
 
 
 def _array_to_pil(array: np.ndarray, channels_first: bool | None = None) -> Image.Image:
@@ -200,7 +281,14 @@ def _array_to_pil(array: np.ndarray, channels_first: bool | None = None) -> Imag
     elif array.dtype == np.uint16:
         array = _scale_16bit_to_8bit(array)
     elif np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
+        finite = np.isfinite(array)
+        if not finite.all():
+            bad = tuple(int(i) for i in np.argwhere(~finite)[0])
+            raise ImageLoadError(
+                f"Float image array has {int((~finite).sum())} non-finite values (NaN / inf), the first "
+                f"{array[bad]} at index {bad}"
+            )
+        if array.min() < 0.0 or array.max() > 1.0:
             raise ImageLoadError(
                 f"Float image arrays must hold values in [0, 1]; got range [{array.min()}, {array.max()}]. "
                 "Pass uint8 arrays for 0..255 data."
@@ -220,12 +308,15 @@ def _array_to_pil(array: np.ndarray, channels_first: bool | None = None) -> Imag
     return Image.fromarray(np.ascontiguousarray(array), mode=mode)
 
 
-def load_image(image: Any, exif_transpose: bool = True) -> Image.Image:
+def load_image(image: Any, exif_transpose: bool = True, timeout: float | None = None,
+               max_pixels: int | None = None) -> Image.Image:
     """Load one image from any supported source and return it as an 8-bit RGB PIL image.
 
     Args:
         image: one of
-            - a file path (`str` or `os.PathLike`), or an ``http(s)://`` URL (fetched with transformers' loader);
+            - a file path (`str` or `os.PathLike`);
+            - an ``http(s)://`` URL, fetched unless offline mode is on (``HF_HUB_OFFLINE`` or
+              ``TRANSFORMERS_OFFLINE``, read at each call: then it is refused before any connection);
             - encoded file bytes (`bytes`);
             - a `PIL.Image.Image` of any mode (see `to_rgb` for the conversion rules);
             - a NumPy array ``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` (uint8, bool, uint16, or float in [0, 1]);
@@ -234,37 +325,32 @@ def load_image(image: Any, exif_transpose: bool = True) -> Image.Image:
             photo is read in the frame a viewer sees (as Gradio, browsers and image viewers show it) and masks come
             back in that frame. (InternVL's model card does not; the dataset loaders keep the stored frame, in which
             COCO-style annotations are drawn, and check the image size against the annotation file.)
+        timeout (`float`, *optional*, defaults to `URL_TIMEOUT`): seconds to wait for a URL's connection and each
+            read. (transformers' `load_image` waits forever by default.)
+        max_pixels (`int`, *optional*): refuse images of more pixels (files, bytes and URLs before decoding), on top
+            of Pillow's decompression-bomb limit.
 
     Returns:
         `PIL.Image.Image` in mode ``RGB``.
 
     Raises:
         FileNotFoundError: the path does not exist (the message names it).
-        ImageTooLargeError: the file is over ``PIL.Image.MAX_IMAGE_PIXELS`` (names the file and the limit).
-        ImageLoadError: unreadable/corrupt file (names the file), unsupported array or mode.
+        ImageTooLargeError: over ``PIL.Image.MAX_IMAGE_PIXELS`` or `max_pixels`, or a URL over `MAX_URL_BYTES`
+            (names the source and the limit).
+        ImageLoadError: unreadable/corrupt file (names the file), a URL that cannot be fetched (names the URL and
+            why: offline, HTTP status, timeout), an empty image, unsupported array or mode.
+        TypeError: not an image type.
     """
     name = None
     if isinstance(image, (str, os.PathLike)):
         name = os.fspath(image)
-        if isinstance(name, str) and name.startswith(("http://", "https://")):
-            from transformers.image_utils import load_image as hf_load_image
-
-            image = hf_load_image(name)
+        if is_url(name):
+            image = _decode(io.BytesIO(_fetch_url(name, timeout)), f"image URL {name!r}", max_pixels)
         else:
-            image = _open_file(name)
+            image = _open_file(name, max_pixels)
     elif isinstance(image, (bytes, bytearray)):
         name = "<bytes>"
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(image))
-                image.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageTooLargeError(
-                f"Encoded image is over PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS} pixels ({err})"
-            ) from err
-        except Exception as err:
-            raise ImageLoadError(f"Cannot decode image bytes: {type(err).__name__}: {err}") from err
+        image = _decode(io.BytesIO(image), "image bytes", max_pixels)
     elif torch is not None and isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
         if tensor.dtype in (torch.float16, torch.bfloat16):  # no NumPy equivalent for bfloat16
@@ -275,11 +361,30 @@ def load_image(image: Any, exif_transpose: bool = True) -> Image.Image:
         image = _array_to_pil(image)
     elif not isinstance(image, Image.Image):
         raise TypeError(
-            f"Unsupported image type {type(image).__name__}: expected a path, bytes, PIL image, NumPy array or tensor"
+            f"Unsupported image type {type(image).__name__}: expected a path, URL, bytes, PIL image, NumPy array or "
+            "tensor"
         )
+    if image.width == 0 or image.height == 0:
+        raise ImageLoadError(f"Image{f' {name!r}' if name else ''} is empty: {image.width}x{image.height} pixels")
+    check_pixels(image.width, image.height, max_pixels, f"Image {name!r}" if name else "Image")
     if exif_transpose and image.getexif().get(0x0112, 1) != 1:  # 0x0112: Orientation (1: as stored)
         image = ImageOps.exif_transpose(image)
     return to_rgb(image, name=name)
+
+
+def _load_item(image: Any, where: str) -> Image.Image:
+    """`load_image` for one item of a batch: an error keeps its type and gains the item's place (`images[3]: ...`)."""
+    try:
+        return load_image(image)
+    except (OSError, ValueError, TypeError) as err:
+        try:
+            if isinstance(err, OSError) and err.errno is not None:  # FileNotFoundError(errno, strerror, filename)
+                named = type(err)(err.errno, f"{where}: {err.strerror}", err.filename)
+            else:
+                named = type(err)(f"{where}: {err}")
+        except Exception:  # an error type with another constructor: keep it as it is
+            raise err from None
+        raise named from err
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -508,7 +613,9 @@ class MLLMSegImageProcessor(PilBackend):
         flatten(images)
         if not items:
             raise ValueError("No images given")
-        return [load_image(item) for item in items]
+        if len(items) == 1 and not isinstance(images, (list, tuple)):
+            return [load_image(items[0])]
+        return [_load_item(item, f"images[{i}]") for i, item in enumerate(items)]
 
     def _preprocess(
         self,

@@ -8,6 +8,8 @@ This file travels inside checkpoints as remote code: it imports only torch, tran
 from __future__ import annotations
 
 import json
+import operator
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -89,9 +91,10 @@ class MLLMSegInferenceMixin:
         mask = torch.ones_like(sequences)
         if prompt_attention_mask is not None:
             mask[:, : prompt_attention_mask.shape[1]] = prompt_attention_mask
-        if eos_token_id is not None:
+        eos_ids = [] if eos_token_id is None else torch.as_tensor(eos_token_id, device=sequences.device).flatten()
+        if len(eos_ids):
             prompt_len = 0 if prompt_attention_mask is None else prompt_attention_mask.shape[1]
-            new = sequences[:, prompt_len:] == eos_token_id
+            new = torch.isin(sequences[:, prompt_len:], eos_ids)
             after_eos = (new.cumsum(1) - new.long()) > 0  # tokens after the first end-of-turn are padding
             mask[:, prompt_len:] = (~after_eos).long()
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)
@@ -121,12 +124,79 @@ class MLLMSegInferenceMixin:
             masks[b] = found[i]
         return masks
 
+    @torch.inference_mode()
+    def compute_sequence_masks(
+        self,
+        sequences: torch.LongTensor,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.FloatTensor,
+        attention_mask: torch.Tensor | None = None,
+        tile_grids: torch.LongTensor | None = None,
+        eos_token_id: int | list[int] | None = None,
+        num_tiles: torch.LongTensor | None = None,
+        original_sizes: torch.LongTensor | None = None,
+    ) -> list[torch.Tensor]:
+        """The masks of every sequence `generate` returned, as `compute_transition_scores` gives their scores:
+
+        ```python
+        out = model.generate(**inputs, num_beams=3, num_return_sequences=2, return_dict_in_generate=True)
+        masks = model.compute_sequence_masks(out.sequences, **inputs)
+        ```
+
+        Args:
+            sequences (`(B * E, L_prompt + new)`): `generate`'s output, E sequences per prompt, grouped by prompt (as
+                transformers returns them for beams, sampling and `num_return_sequences`).
+            input_ids, pixel_values, attention_mask, tile_grids: the inputs `generate` was called with (`(B, L_prompt)`
+                ids, prompts left-padded; all tiles `(N, 3, S, S)`). `num_tiles` and `original_sizes` (processor
+                output) are accepted and unused.
+            eos_token_id (*optional*): end-of-turn id(s); tokens after the first one are padding (default: the
+                model's `generation_config.eos_token_id`).
+
+        Returns per returned sequence the mask logits of its `[SEG]` tokens (prompt and answer, in order, as
+        `forward`'s `pred_masks`) on its image's tile canvas `(num_seg, rows * R, cols * R)`.
+
+        One forward over prompt + answer of the sequences that hold a `[SEG]`, each with the tiles of its own prompt:
+        the states recorded while generating cannot serve, since beams reorder the rows at every step. The ViT runs
+        once per prompt image."""
+        batch, prompt_len = input_ids.shape
+        rows = sequences.shape[0] if sequences.dim() == 2 else 0
+        if rows < batch or rows % batch or sequences.shape[1] < prompt_len:
+            raise ValueError(
+                f"sequences of shape {tuple(sequences.shape)} for a batch of {batch} prompts of length {prompt_len}: "
+                "expected (batch * E, prompt length + new tokens), E >= 1 sequences per prompt"
+            )
+        if pixel_values is None:
+            raise ValueError("pixel_values is None: masks need the image the sequences were generated for")
+        sequences, input_ids = sequences.to(self.device), input_ids.to(self.device)
+        per_prompt = sequences.shape[0] // batch
+        source = torch.arange(sequences.shape[0], device=self.device) // per_prompt  # returned row -> prompt
+        wrong = (sequences[:, :prompt_len] != input_ids[source]).any(1).nonzero().flatten()
+        if wrong.numel():
+            i = int(wrong[0])
+            raise ValueError(
+                f"sequence {i} does not start with the prompt of sample {i // per_prompt}; pass the inputs generate "
+                f"was called with ({per_prompt} returned sequences per prompt, grouped by prompt)"
+            )
+        image_outputs = self._image_outputs(pixel_values)
+        tiles = self.checked_tiles_per_sample(input_ids, image_outputs.pooler_output.shape[0])
+        starts = (torch.cumsum(tiles, 0) - tiles).tolist()
+        index = torch.tensor([starts[b] + t for b in source.tolist() for t in range(int(tiles[b]))], device=self.device)
+        image = type(image_outputs)(last_hidden_state=image_outputs.last_hidden_state[index],
+                                    pooler_output=image_outputs.pooler_output[index])
+        prompt_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+        eos = self.generation_config.eos_token_id if eos_token_id is None else eos_token_id
+        grids = None if tile_grids is None else tile_grids.to(self.device)[source]
+        return self._masks_from_full_pass(sequences, prompt_mask[source], image, grids, eos,
+                                          causal=not self.mask_decoder.dual_pass)
+
     # -- InternVL-compatible chat ---------------------------------------------------------------------------------
     def text_processor(self, tokenizer_or_processor) -> MLLMSegProcessor:
         """The processor that renders `chat` prompts. `chat` takes InternVL's `tokenizer` argument or the processor
         itself; with a bare tokenizer, the prompt settings (system message, BOS) are those of the processor saved
         beside it (`processor_config.json` in the tokenizer's folder), else the defaults. Nothing is downloaded."""
-        if isinstance(tokenizer_or_processor, MLLMSegProcessor):
+        # By class name, not isinstance: transformers loads each auto class's remote-code module under its own hash,
+        # so the processor `AutoProcessor` returns is a copy of this module's MLLMSegProcessor class, not the class.
+        if any(cls.__name__ == MLLMSegProcessor.__name__ for cls in type(tokenizer_or_processor).__mro__):
             return tokenizer_or_processor
         tokenizer = tokenizer_or_processor
         cached = getattr(self, "_text_processor_cache", None)
@@ -150,6 +220,76 @@ class MLLMSegInferenceMixin:
                 f"MLLMSeg checkpoints use the image tokens {IMG_START_TOKEN} / {IMG_END_TOKEN} / {IMG_CONTEXT_TOKEN}; got "
                 f"{start} / {end} / {context}"
             )
+
+    def _check_pixel_values(self, pixel_values) -> None:
+        """`chat` / `batch_chat` tiles: None, or a floating-point tensor `(tiles, 3, S, S)` with at least one tile and
+        only finite values (the image processor's normalized output)."""
+        if pixel_values is None:
+            return
+        size = self.config.image_size
+        expected = f"(tiles, 3, {size}, {size})"
+        if not isinstance(pixel_values, torch.Tensor):
+            kind = type(pixel_values)
+            package = kind.__module__.split(".")[0]
+            name = kind.__name__ if package == "builtins" else f"{package}.{kind.__name__}"
+            raise TypeError(f"pixel_values must be a torch.Tensor of shape {expected}, got {name}")
+        shape = tuple(pixel_values.shape)
+        if pixel_values.dim() != 4:
+            hint = " (one tile without its tile dimension: pass pixel_values[None])" if pixel_values.dim() == 3 else ""
+            raise ValueError(f"pixel_values must have shape {expected}, got {shape}{hint}")
+        if shape[0] == 0:
+            raise ValueError("pixel_values has 0 tiles; pass at least one tile, or pixel_values=None for text only")
+        if shape[1] != 3:
+            raise ValueError(f"pixel_values must have 3 channels (RGB), got {shape[1]} (shape {shape})")
+        if shape[2:] != (size, size):
+            raise ValueError(
+                f"pixel_values tiles must be {size}x{size} (the model's image_size), got {shape[2]}x{shape[3]}; tile "
+                "images with the checkpoint's image processor"
+            )
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values must be floating point (normalized tiles, as the image processor returns them), got "
+                f"{pixel_values.dtype}"
+            )
+        bad = int((~torch.isfinite(pixel_values)).sum())
+        if bad:
+            raise ValueError(f"pixel_values holds {bad} NaN or infinite value{'s' if bad > 1 else ''}")
+
+    @staticmethod
+    def _check_num_patches(num_patches_list, n_tiles: int, n_images: int, images_are: str) -> list[int]:
+        """`num_patches_list` as ints: one positive tile count per image (`n_images` of them, `images_are` says what
+        they are), summing to the `n_tiles` of `pixel_values`."""
+        if not isinstance(num_patches_list, (list, tuple)):
+            raise TypeError(
+                f"num_patches_list must be a list of tile counts, one per image, got {type(num_patches_list).__name__}"
+            )
+        counts = []
+        for i, n in enumerate(num_patches_list):
+            try:
+                value = None if isinstance(n, bool) else operator.index(n)
+            except TypeError:
+                value = None
+            if value is None or value < 1:
+                raise ValueError(
+                    f"num_patches_list[{i}] must be a positive integer (the tiles of image {i}), got {n!r}"
+                )
+            counts.append(value)
+        if len(counts) != n_images:
+            raise ValueError(f"num_patches_list has {len(counts)} entries for {n_images} {images_are}")
+        if sum(counts) != n_tiles:
+            raise ValueError(f"num_patches_list sums to {sum(counts)} but pixel_values has {n_tiles} tiles")
+        return counts
+
+    @staticmethod
+    def _check_history(history) -> list[tuple[str, str]]:
+        if history is None:
+            return []
+        if not isinstance(history, (list, tuple)):
+            raise TypeError(f"history must be a list of (question, answer) pairs, got {type(history).__name__}")
+        for i, turn in enumerate(history):
+            if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+                raise ValueError(f"history[{i}] must be a (question, answer) pair of strings, got {turn!r}")
+        return [tuple(turn) for turn in history]
 
     @torch.inference_mode()
     def batch_chat(
@@ -178,12 +318,25 @@ class MLLMSegInferenceMixin:
         self._check_image_token_names(IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
         if history is not None or return_history:
             raise ValueError("batch_chat does not keep history (as in InternVL); use chat for multi-turn")
+        if not isinstance(questions, (list, tuple)):
+            raise TypeError(f"questions must be a list of strings, one per image, got {type(questions).__name__}")
+        if not questions:
+            raise ValueError("questions is empty; give one question per image")
+        for i, question in enumerate(questions):
+            if not isinstance(question, str):
+                raise TypeError(f"questions[{i}] must be a string, got {type(question).__name__}")
+        self._check_pixel_values(pixel_values)
+        if pixel_values is None and num_patches_list is not None:
+            raise ValueError("num_patches_list is given but pixel_values is None; pass the tiles, or neither")
         if pixel_values is not None and num_patches_list is None:
             num_patches_list = [pixel_values.shape[0]] if len(questions) == 1 else None
             if num_patches_list is None:
                 raise ValueError("pass num_patches_list: the number of tiles of each question's image")
         processor = self.text_processor(tokenizer)
-        tiles = None if pixel_values is None else [[int(n)] for n in num_patches_list]
+        tiles = None
+        if pixel_values is not None:
+            counts = self._check_num_patches(num_patches_list, pixel_values.shape[0], len(questions), "questions")
+            tiles = [[n] for n in counts]
         batch = processor(text=list(questions), num_tiles=tiles, padding_side="left")
         responses, masks = self._chat_generate(processor, batch, pixel_values, generation_config, tile_grids,
                                                verbose, return_masks)
@@ -218,13 +371,23 @@ class MLLMSegInferenceMixin:
         over prompt + answer when the answer holds a `[SEG]`. Masks are computed only when asked for.
         """
         self._check_image_token_names(IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
-        if num_patches_list is None:
-            num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
-        if pixel_values is not None and sum(num_patches_list) != pixel_values.shape[0]:
-            raise ValueError(f"num_patches_list sums to {sum(num_patches_list)} but pixel_values has {pixel_values.shape[0]} tiles")
+        if not isinstance(question, str):
+            raise TypeError(f"question must be a string, got {type(question).__name__}")
+        history = self._check_history(history)
+        self._check_pixel_values(pixel_values)
+        if pixel_values is None:
+            if num_patches_list is not None and len(num_patches_list):
+                raise ValueError("num_patches_list is given but pixel_values is None; pass the tiles, or neither")
+            num_patches_list = []
+        else:
+            # One image per <image> placeholder of the conversation; none written: one image, put first (as InternVL).
+            placeholders = question.count(IMAGE_PLACEHOLDER) + sum(q.count(IMAGE_PLACEHOLDER) for q, _ in history)
+            num_patches_list = self._check_num_patches(
+                [pixel_values.shape[0]] if num_patches_list is None else num_patches_list, pixel_values.shape[0],
+                max(placeholders, 1), f"images ({IMAGE_PLACEHOLDER} placeholders in the question and history, or one)",
+            )
         if len(num_patches_list) > 1 and return_masks:
             raise ValueError("masks need one image per conversation")
-        history = [] if history is None else list(history)
         if not history and pixel_values is not None and IMAGE_PLACEHOLDER not in question:
             question = IMAGE_PLACEHOLDER + "\n" + question  # as InternVL: the image goes into the first turn
         processor = self.text_processor(tokenizer)
@@ -239,6 +402,11 @@ class MLLMSegInferenceMixin:
         return out[0] if len(out) == 1 else out
 
     def _generation_settings(self, processor, generation_config: dict | None) -> dict:
+        if generation_config is not None and not isinstance(generation_config, Mapping):
+            raise TypeError(
+                "generation_config must be a dict of generate() keywords (e.g. dict(max_new_tokens=64)), got "
+                f"{type(generation_config).__name__}"
+            )
         config = dict(generation_config or {})
         if int(config.get("num_return_sequences", 1)) != 1:
             raise ValueError(
@@ -349,7 +517,9 @@ class MLLMSegInferenceMixin:
         prompts = [processor.segmentation_prompt(exprs) for exprs in expr_lists]
         batch = processor(images=images, text=[q for q, _ in prompts], answers=[a for _, a in prompts], tiling=tiling)
         inputs = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "tile_grids")}
-        out = self(**inputs, pixel_values=batch["pixel_values"].to(self.device, self.dtype))
+        # Only the logits that predict each slot are read (`seg_logits`): the last position's logits, not every one's
+        # (issue 21: the full [B, L, vocab] tensor was ~1 GB at 1B with batch 8).
+        out = self(**inputs, pixel_values=batch["pixel_values"].to(self.device, self.dtype), logits_to_keep=1)
         return processor.post_process_segmentation(
             out, target_sizes=batch["original_sizes"], expressions=expr_lists, input_ids=inputs["input_ids"],
             threshold=threshold, return_rle=return_rle,

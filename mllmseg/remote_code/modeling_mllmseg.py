@@ -64,8 +64,9 @@ class MLLMSegCausalLMOutputWithPast(CausalLMOutputWithPast):
     image_hidden_states (`torch.FloatTensor` of shape `(N, g*g, T)`, *optional*): projected image features of this
         call's tiles (None on cached decoding steps and text-only calls).
     seg_logits (`torch.FloatTensor` of shape `(M, vocab)`, *optional*): the logits that predict each `[SEG]` token
-        of `input_ids` (at the position before it), in order; the processor's `post_process_segmentation` decides
-        `[SEG]` against `[REJ]` from them (teacher-forced evaluation).
+        of `input_ids` (at the position before it), in order, whatever `logits_to_keep` is; the processor's
+        `post_process_segmentation` decides `[SEG]` against `[REJ]` from them (teacher-forced evaluation). None in
+        one-token calls (decoding steps), where the state before the token belongs to an earlier call.
     seg_sample (`torch.LongTensor` of shape `(M,)`, *optional*): the sample of each of those `[SEG]` tokens.
     """
 
@@ -112,7 +113,9 @@ class MLLMSegPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # the mask bookkeeping is data-dependent
+    # As InternVL: a decoding step (one token, no image) traces as one graph (tests/test_generation_paths.py). Full
+    # forwards with image and [SEG] tokens do data-dependent mask bookkeeping; generate never compiles those.
+    _can_compile_fullgraph = True
 
     def _init_weights(self, module):
         if getattr(module, "_reference_init", False) and not isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
@@ -190,11 +193,15 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
 
     def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
         """`save_pretrained` with this model's own key names (transformers would otherwise write InternVL's legacy
-        names back), and, for remote-code checkpoints, `auto_map` entries for both auto classes."""
+        names back), and, for remote-code checkpoints, `auto_map` entries for both auto classes and the custom
+        `image-segmentation` pipeline (`pipeline_mllmseg.py`, which this import makes travel with the model code)."""
         if self._auto_class is not None:
+            from .pipeline_mllmseg import PIPELINE_ENTRY, TASK
+
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
             auto_map.setdefault("AutoModelForImageTextToText", f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}")
             self.config.auto_map = auto_map
+            self.config.custom_pipelines = {TASK: dict(PIPELINE_ENTRY)}
         return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
 
     def get_input_embeddings(self):
@@ -244,6 +251,19 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
         if pos.numel() and int(pos.min()) == 0:
             raise ValueError("a [SEG] token at position 0 has no preceding state")
         return hidden[batch_idx, pos - 1], batch_idx
+
+    def slot_logits(
+        self, input_ids: torch.LongTensor, hidden: torch.Tensor, logits: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.LongTensor]:
+        """The logits that predict each `[SEG]` of `input_ids` (from the state before it): `(M, vocab)`, and each one's
+        sample `(M,)`. Read from `logits` (`(B, L', vocab)`, the last L' positions) when they cover every position,
+        else the LM head runs on those M states only: `segment`'s fast mode asks for `logits_to_keep=1`, so the
+        full-vocabulary head is applied to B + M rows instead of B * L."""
+        seg_sample, seg_pos = (input_ids == self.config.seg_token_id).nonzero(as_tuple=True)
+        rows = (seg_pos - 1).clamp(min=0)
+        if logits is not None and logits.shape[1] == input_ids.shape[1]:
+            return logits[seg_sample, rows], seg_sample
+        return self.lm_head(hidden[seg_sample, rows]), seg_sample
 
     def image_token_states(self, input_ids: torch.LongTensor, hidden: torch.Tensor) -> torch.Tensor:
         """SELF1E's LLM image features: `(N, g*g, T)`, the final states *at* each `<IMG_CONTEXT>` (not shifted: with
@@ -480,9 +500,14 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
         first_step = cache is None or cache.get_seq_length() == 0
         return_dict = kwargs.pop("return_dict", None)
         return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
-        # 1. Inputs and image features.
+        # 1. Inputs and image features. Masks need the image tokens in this call and the logits of a [SEG] slot the
+        # position before it, so a one-token call (every decoding step) skips the [SEG] search: its Python control flow
+        # then depends on shapes only, and torch.compile traces a decoding step as one graph.
         seg_id = self.config.seg_token_id
-        has_seg = input_ids is not None and seg_id is not None and bool((input_ids == seg_id).any())
+        has_seg = (
+            input_ids is not None and seg_id is not None and input_ids.shape[1] > 1
+            and bool((input_ids == seg_id).any())
+        )
         image_outputs, tiles = self._image_inputs(input_ids, inputs_embeds, pixel_values, mm_encoder_outputs,
                                                   needs_tiles=has_seg or masks is not None, generating=cache is not None)
         if masks is not None and image_outputs is None:
@@ -510,9 +535,9 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, slice_indices, :])
         seg_logits = seg_sample = None
-        if has_seg and logits.shape[1] == input_ids.shape[1]:
-            seg_sample, seg_pos = (input_ids == self.config.seg_token_id).nonzero(as_tuple=True)
-            seg_logits = logits[seg_sample, (seg_pos - 1).clamp(min=0)]
+        if has_seg:
+            full = logits if isinstance(logits_to_keep, int) else None  # a tensor of positions: not position-aligned
+            seg_logits, seg_sample = self.slot_logits(input_ids, hidden, full)
 
         # 3. Masks, one per [SEG] (SELF1E: from a second pass with the dual-perception mask).
         pred_masks = low_res_masks = None
@@ -565,14 +590,18 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
             if generating and bool((counts % self.config.tokens_per_tile).any()):
                 return image_outputs, None
             image_outputs = self._align_expanded_image_outputs(input_ids, image_outputs)
-            tiles = self.tiles_per_sample(input_ids)
-            n_tiles = image_outputs.pooler_output.shape[0]
-            if int(tiles.sum()) != n_tiles:
-                raise ValueError(
-                    f"image tokens and tiles disagree: the text holds {int(tiles.sum())} tiles' worth of <IMG_CONTEXT> "
-                    f"tokens ({tiles.tolist()} per sample) but pixel_values has {n_tiles} tiles"
-                )
+            tiles = self.checked_tiles_per_sample(input_ids, image_outputs.pooler_output.shape[0])
         return image_outputs, tiles
+
+    def checked_tiles_per_sample(self, input_ids: torch.LongTensor, n_tiles: int) -> torch.LongTensor:
+        """`tiles_per_sample`, checked against the `n_tiles` tiles of `pixel_values`."""
+        tiles = self.tiles_per_sample(input_ids)
+        if int(tiles.sum()) != n_tiles:
+            raise ValueError(
+                f"image tokens and tiles disagree: the text holds {int(tiles.sum())} tiles' worth of <IMG_CONTEXT> "
+                f"tokens ({tiles.tolist()} per sample) but pixel_values has {n_tiles} tiles"
+            )
+        return tiles
 
     def _align_expanded_image_outputs(self, input_ids, image_outputs):
         """`generate` with beams or `num_return_sequences` repeats each sample E times in `input_ids` and expands the

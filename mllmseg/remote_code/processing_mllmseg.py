@@ -8,12 +8,13 @@ in this folder.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import BatchFeature
 from transformers.processing_utils import MultiModalData, ProcessorMixin
+from transformers.utils import ModelOutput
 
 from .configuration_mllmseg import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, token_id_fields
 from .conversation_mllmseg import (
@@ -33,13 +34,16 @@ IGNORE_INDEX = -100
 
 
 @dataclass
-class SegmentationResult:
-    """What `segment` / `post_process_segmentation` return for one image.
+class SegmentationResult(ModelOutput):
+    """What `segment` / `post_process_segmentation` return for one image. Dict-like as transformers' outputs are
+    (`result["masks"]`, `result.keys()`, `result.to_tuple()`); `to_records()` gives one plain, JSON-ready dict per
+    expression.
 
     Attributes:
         expressions: the expressions, in order.
         masks: `(E, h, w)` bool, at the original image size (all False where rejected).
-        boxes: `(E, 4)` float xyxy, inclusive pixel indices ([0, 0, 0, 0] for an empty mask).
+        boxes: `(E, 4)` float xyxy, inclusive pixel indices; a row of NaN for an empty mask (it has no box: `[0, 0,
+            0, 0]` would be the box of the single pixel (0, 0)).
         scores: `(E,)` mask confidence: mean probability over the mask's pixels (0 for an empty mask).
         seg_probs: `(E,)` probability of `[SEG]` against `[REJ]` at the expression's slot.
         rejected: `(E,)` bool, the model answered `[REJ]` (no such object).
@@ -48,15 +52,39 @@ class SegmentationResult:
         rle: COCO RLE per mask, when asked for.
     """
 
-    expressions: list[str]
-    masks: torch.Tensor
-    boxes: torch.Tensor
-    scores: torch.Tensor
-    seg_probs: torch.Tensor
-    rejected: torch.Tensor
-    text: str
+    expressions: list[str] | None = None
+    masks: torch.Tensor | None = None
+    boxes: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    seg_probs: torch.Tensor | None = None
+    rejected: torch.Tensor | None = None
+    text: str | None = None
     probabilities: torch.Tensor | None = None
-    rle: list[dict] | None = field(default=None)
+    rle: list[dict] | None = None
+
+    def to_records(self, include_masks: bool = False) -> list[dict]:
+        """One dict of plain Python values per expression: `expression`, `rejected`, `box` (xyxy, inclusive pixel
+        indices, `None` for an empty or rejected mask), `score`, `seg_prob`, `area` (mask pixels), `rle` when the
+        result carries RLE, and `mask` (nested lists of bool) with `include_masks`."""
+        records = []
+        for k, expression in enumerate(self.expressions):
+            area = int(self.masks[k].sum())
+            record = {
+                "expression": expression,
+                "rejected": bool(self.rejected[k]),
+                "box": None if area == 0 else [int(v) for v in self.boxes[k].tolist()],
+                "score": round(float(self.scores[k]), 4),
+                "seg_prob": round(float(self.seg_probs[k]), 4),
+                "area": area,
+            }
+            if self.rle is not None:
+                record["rle"] = self.rle[k]
+            if include_masks:
+                record["mask"] = self.masks[k].tolist()
+            records.append(record)
+        return records
+
+
 END_OF_TURN = "<|im_end|>"
 # Version of the prompt settings a processor saves; checkpoints saved without it predate the BOS rule below.
 PROMPT_FORMAT = 2
@@ -71,6 +99,56 @@ def tokenizer_adds_bos(tokenizer) -> bool:
         return False
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
     return bool(ids) and ids[0] == bos
+
+
+def _shown(value, limit: int = 80) -> str:
+    """`repr(value)`, cut to `limit` characters, for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _string_list(value, name: str, single: bool = True) -> list[str]:
+    """`value` as a list of strings (a lone string is a list of one when `single`), or a TypeError naming the
+    argument, the index and the value (bytes and None included, which would otherwise fail deep inside)."""
+    if single and isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        kind = "a string or a list of strings" if single else "a list of strings"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__} ({_shown(value)})")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise TypeError(f"{name}[{i}] must be a string, got {type(item).__name__} ({_shown(item)})")
+    return list(value)
+
+
+def _check_history(history, count: int) -> None:
+    """`history`: per text, None or a list of (question, answer) pairs of strings."""
+    if not isinstance(history, (list, tuple)):
+        raise TypeError(f"history must be a list (one entry per text) of lists of (question, answer) pairs, got "
+                        f"{type(history).__name__} ({_shown(history)})")
+    if len(history) != count:
+        raise ValueError(f"got {len(history)} histories for {count} texts")
+    for i, turns in enumerate(history):
+        if turns is None:
+            continue
+        if not isinstance(turns, (list, tuple)):
+            raise TypeError(f"history[{i}] must be a list of (question, answer) pairs, got {type(turns).__name__} "
+                            f"({_shown(turns)})")
+        for j, turn in enumerate(turns):
+            if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+                raise TypeError(f"history[{i}][{j}] must be a (question, answer) pair of strings, got {_shown(turn)}")
+
+
+def _check_num_tiles(num_tiles, count: int) -> None:
+    """`num_tiles`: per text, a list of positive tile counts (one per `<image>` placeholder)."""
+    if not isinstance(num_tiles, (list, tuple)) or len(num_tiles) != count:
+        raise ValueError(f"num_tiles must be a list of {count} lists (one per text) of tile counts, got "
+                         f"{_shown(num_tiles)}")
+    for i, tiles in enumerate(num_tiles):
+        valid = isinstance(tiles, (list, tuple)) and all(
+            not isinstance(n, bool) and isinstance(n, (int, torch.Tensor)) and int(n) >= 1 for n in tiles)
+        if not valid:
+            raise ValueError(f"num_tiles[{i}] must be a list of positive integers, got {_shown(tiles)}")
 
 
 class MLLMSegProcessor(ProcessorMixin):
@@ -175,6 +253,10 @@ class MLLMSegProcessor(ProcessorMixin):
     def segmentation_prompt(expressions: list[str], no_target: list[bool] | None = None) -> tuple[str, str]:
         """The reference evaluation conversation (question, answer) over `expressions`, each escaped as user text;
         `[REJ]` in the slots of `no_target` expressions."""
+        expressions = _string_list(expressions, "expressions", single=False)  # a lone string would be one per char
+        for i, expression in enumerate(expressions):
+            if not expression.strip().strip("."):
+                raise ValueError(f"expressions[{i}] is empty ({expression!r}); give a non-empty description")
         question, answer = evaluation_prompt([mark_user_text(e) for e in expressions], no_target)
         return MarkedText(question), MarkedText(answer)
 
@@ -337,8 +419,8 @@ class MLLMSegProcessor(ProcessorMixin):
             raise ValueError("pass text (the questions) and/or images; got neither")
         if images is not None and text is None:
             text = [""] * (len(images) if isinstance(images, (list, tuple)) else 1)
-        texts = [text] if isinstance(text, str) else list(text or [])
-        answer_list = [answers] if isinstance(answers, str) else (list(answers) if answers is not None else None)
+        texts = _string_list(text, "text")
+        answer_list = None if answers is None else _string_list(answers, "answers")
         image_features = {}
         if images is not None:
             image_list = images if isinstance(images, (list, tuple)) else [images]
@@ -353,8 +435,10 @@ class MLLMSegProcessor(ProcessorMixin):
             num_tiles = [[int(n)] for n in image_features["num_tiles"]]
         if answer_list is not None and len(answer_list) != len(texts):
             raise ValueError(f"got {len(answer_list)} answers for {len(texts)} texts")
-        if history is not None and len(history) != len(texts):
-            raise ValueError(f"got {len(history)} histories for {len(texts)} texts")
+        if history is not None:
+            _check_history(history, len(texts))
+        if num_tiles is not None and not image_features:
+            _check_num_tiles(num_tiles, len(texts))
 
         prompts, fulls = [], []
         for i, question in enumerate(texts):
@@ -386,6 +470,120 @@ class MLLMSegProcessor(ProcessorMixin):
             labels[encoded["attention_mask"] == 0] = IGNORE_INDEX
             encoded["labels"] = labels
         return BatchFeature({**encoded, **image_features}, tensor_type="np" if return_tensors == "np" else None)
+
+    # -- chat messages --------------------------------------------------------------------------------------------
+    _CALL_KEYWORDS = ("tiling", "max_tiles", "max_length", "padding", "padding_side", "truncation", "images_kwargs",
+                      "text_kwargs")
+
+    @staticmethod
+    def _message_parts(message: dict, where: str) -> tuple[str, list]:
+        """(text with one `<image>` per image item, [image items]) of one transformers-style chat message."""
+        content = message.get("content")
+        if isinstance(content, str):
+            return content, []
+        if not isinstance(content, (list, tuple)):
+            raise TypeError(f"{where}: content must be a string or a list of {{'type': ...}} items, got "
+                            f"{type(content).__name__}")
+        texts, images = [], []
+        for j, item in enumerate(content):
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind == "text":
+                texts.append(str(item.get("text", "")))
+            elif kind == "image":
+                image = next((item[k] for k in ("image", "url", "path") if item.get(k) is not None), None)
+                if image is None:
+                    raise ValueError(f"{where}: content[{j}] is an image item without 'image', 'url' or 'path'")
+                images.append(image)
+                texts.append(IMAGE_PLACEHOLDER + "\n")
+            else:
+                raise ValueError(f"{where}: content[{j}] has type {kind!r}; this model takes 'text' and 'image' items")
+        return "".join(texts), images
+
+    def apply_chat_template(self, conversation, chat_template=None, add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, tokenize: bool = False, return_dict: bool = False,
+                            return_tensors="pt", processor_kwargs: dict | None = None, **kwargs):
+        """transformers-style chat messages -> the InternVL2.5 conversation, rendered by this processor (not by a
+        Jinja template: user text is escaped and `<image>` expanded exactly as `__call__` does).
+
+        Args:
+            conversation: a list of `{"role": "system" | "user" | "assistant", "content": str | [items]}` messages
+                (items `{"type": "text", "text": ...}` or `{"type": "image", "image" | "url" | "path": ...}`), or a
+                list of such conversations. At most one image per conversation.
+            add_generation_prompt: leave the conversation open for the assistant (the default; a closed conversation
+                needs a final assistant message).
+            continue_final_message: the final assistant message is a prefix for generation to continue.
+            tokenize / return_dict: as transformers' `apply_chat_template`: the text by default; token ids; or, with
+                both, the processor's `BatchFeature` (`input_ids`, `attention_mask`, `pixel_values`, `num_tiles`,
+                `tile_grids`, `original_sizes`), which `generate` and `pipeline("image-text-to-text")` take.
+            processor_kwargs: passed to `__call__`, as are the keywords it takes (`tiling`, `max_tiles`,
+                `padding_side`, image-processor keywords, ...); other keywords are template variables in transformers'
+                API and mean nothing here.
+        """
+        if chat_template is not None:
+            raise ValueError("MLLMSegProcessor renders the InternVL2.5 chat format itself; chat_template is not used")
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = conversation if batched else [conversation]
+        texts, images, histories, systems, prefixes = [], [], [], [], []
+        for c, messages in enumerate(conversations):
+            system, turns, conv_images, question = None, [], [], None
+            for m, message in enumerate(messages):
+                where = f"conversation[{c}][{m}]" if batched else f"conversation[{m}]"
+                if not isinstance(message, dict):
+                    raise TypeError(f"{where}: expected a message dict with 'role' and 'content', got "
+                                    f"{type(message).__name__}")
+                text, found = self._message_parts(message, where)
+                conv_images += found
+                role = message.get("role")
+                if role == "system":
+                    system = text
+                elif role == "user":
+                    if question is not None:
+                        raise ValueError(f"{where}: two user messages in a row; give each its assistant answer")
+                    question = text
+                elif role == "assistant":
+                    if question is None:
+                        raise ValueError(f"{where}: an assistant message must follow a user message")
+                    turns.append((question, text))
+                    question = None
+                else:
+                    raise ValueError(f"{where}: role must be 'system', 'user' or 'assistant', got {role!r}")
+            prefix = None
+            if continue_final_message:
+                if question is not None or not turns:
+                    raise ValueError("continue_final_message needs a conversation that ends with an assistant message")
+                question, prefix = turns.pop()
+            elif question is None:
+                raise ValueError("the conversation ends with an assistant message: add a user message to answer, or "
+                                 "pass continue_final_message=True to continue the last answer")
+            if len(conv_images) > 1:
+                raise ValueError(f"conversation {c} has {len(conv_images)} images; this processor takes one image per "
+                                 "conversation")
+            texts.append(question)
+            images.append(conv_images[0] if conv_images else None)
+            histories.append(turns)
+            systems.append(system)
+            prefixes.append(prefix)
+        if len({s for s in systems}) > 1:
+            raise ValueError("the conversations of a batch have different system messages; process them one by one")
+        if not tokenize:
+            rendered = [self.render(q, None, h, systems[0]) + (p or "") for q, h, p in zip(texts, histories, prefixes)]
+            return rendered if batched else rendered[0]
+        if any(p for p in prefixes):
+            raise ValueError("continue_final_message with tokenize=True is not supported; render the text and append "
+                             "the prefix's token ids")
+        if any(i is None for i in images) and not all(i is None for i in images):
+            raise ValueError("either every conversation of a batch has an image or none has")
+        # Other keywords are template variables in transformers' API (pipelines pass generation settings there too);
+        # with no template they mean nothing, except those `__call__` takes.
+        call_kwargs = {k: v for k, v in kwargs.items() if k in self._CALL_KEYWORDS or k in self.IMAGE_KWARGS}
+        call_kwargs.update(processor_kwargs or {})
+        features = self(images=None if images[0] is None else images, text=texts, history=histories,
+                        system_message=systems[0], padding_side=call_kwargs.pop("padding_side", "left"),
+                        return_tensors="pt" if return_tensors in (None, "auto") else return_tensors, **call_kwargs)
+        if return_dict:
+            return features
+        ids = [row[mask.bool()].tolist() for row, mask in zip(features["input_ids"], features["attention_mask"])]
+        return ids if batched else ids[0]
 
     # -- outputs --------------------------------------------------------------------------------------------------
     def trim_answer(self, token_ids) -> list[int]:
@@ -500,7 +698,8 @@ class MLLMSegProcessor(ProcessorMixin):
 
     @staticmethod
     def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-        """`(M, h, w)` bool -> `(M, 4)` float xyxy boxes, inclusive pixel indices; empty masks give [0, 0, 0, 0]."""
+        """`(M, h, w)` bool -> `(M, 4)` float xyxy boxes, inclusive pixel indices; an empty mask gives a row of NaN
+        (no box; torchvision's `masks_to_boxes` gives [0, 0, 0, 0], the box of pixel (0, 0))."""
         if masks.shape[0] == 0:
             return torch.zeros(0, 4)
         rows, cols = masks.any(dim=2), masks.any(dim=1)
@@ -511,7 +710,7 @@ class MLLMSegProcessor(ProcessorMixin):
         x0 = torch.where(cols, ar_w, w).min(1).values
         x1 = torch.where(cols, ar_w, -1).max(1).values
         boxes = torch.stack([x0, y0, x1, y1], 1).float()
-        boxes[~rows.any(1)] = 0
+        boxes[~rows.any(1)] = float("nan")
         return boxes
 
     @staticmethod

@@ -5,14 +5,19 @@ The model computes its own loss (`lm_loss_weight * CE + BCE + Dice`); the Traine
 * a non-finite-loss guard: training stops with `NonFiniteLossError` naming the optimizer step;
 * atomic checkpoints: each `checkpoint-N` is written under `<output_dir>/.staging/` and renamed into place once
   complete, so an interrupted save never leaves a half-written `checkpoint-N` that `resume_from_checkpoint=True`
-  would pick;
-* `lm_loss` / `mask_loss` in the logs, and the conversation dataset's epoch advanced at each epoch.
+  would pick; a save that fails (disk full) raises `CheckpointSaveError`, one line naming the folder, the free space
+  and the last complete checkpoint;
+* `lm_loss` / `mask_loss` in the logs, the loss logged at every save and at the last step (so the log history kept
+  in each checkpoint covers every step, and `train_summary.json`'s loss is the whole run's across resumes), and the
+  conversation dataset's epoch advanced at each epoch.
 
 `run_training(recipe)` builds everything from a recipe (see `mllmseg/recipes/*.yaml`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -22,17 +27,90 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, sort_checkpoints
 
+from ..data.records import check_on_bad_record, skipped_records
 from ..remote_code.compat_mllmseg import training_checkpointing_fields
 from .collator import MLLMSegCollator
 from .dataset import ConversationDataset
 
+logger = logging.getLogger(__name__)
+
 STAGING_DIR = ".staging"
 BASE_MODEL_DIR = "base-model"
 FINAL_DIR = "final"
+SKIPPED_EXAMPLES = 20  # messages of skipped records kept in train_summary.json (the count is always there)
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint or the final model could not be written (disk full, file size limit, I/O error)."""
+
+
+def _is_write_failure(error: BaseException) -> bool:
+    """Errors a failed write surfaces as: `OSError` (ENOSPC, EFBIG...), safetensors' `SafetensorError` ("Error while
+    serializing: I/O error ...") and torch.save's zip writer (`RuntimeError: [enforce fail at inline_container.cc]`,
+    which does not pass the errno on)."""
+    from safetensors import SafetensorError
+
+    if isinstance(error, (OSError, SafetensorError)):
+        return True
+    return isinstance(error, RuntimeError) and any(
+        text in str(error) for text in ("inline_container", "PytorchStreamWriter", "file write failed"))
+
+
+def _free_space(folder: str) -> str:
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown"
+    return f"{free / 2**30:.2f} GiB" if free >= 2**30 else f"{free / 2**20:.1f} MiB"
+
+
+def _save_failed(error: BaseException, name: str, run_dir: str, staged: str) -> CheckpointSaveError:
+    """Removes the half-written `staged` folder and returns the one-line error for the failed save of `name`."""
+    shutil.rmtree(staged, ignore_errors=True)
+    try:
+        os.rmdir(os.path.dirname(staged))
+    except OSError:
+        pass
+    last = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    then = (f"the last complete checkpoint, {last}, is untouched: free some space and run the same command again to "
+            "resume from it" if last else "no complete checkpoint was written before")
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return CheckpointSaveError(f"could not save {name} in {run_dir}: {type(error).__name__}: {reason} (free space "
+                               f"there: {_free_space(run_dir)}); {then}")
+
+
+class LogAtSaveCallback(TrainerCallback):
+    """Logs the loss at every save and at the last step, so the log history covers every step: a checkpoint's
+    `trainer_state.json` then holds the loss of every step before it, and a resumed run's history has no gap."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or state.global_step >= state.max_steps:
+            control.should_log = True
+
+
+def loss_over_run(log_history: list[dict]) -> dict[str, Any]:
+    """The run's loss from the Trainer's log history: ``train_loss`` (mean over the logged steps, each logged value
+    weighted by the steps it averages), ``last_loss`` (the last logged value) and ``loss_steps`` (steps covered).
+
+    On resume the Trainer restores the history from the checkpoint's `trainer_state.json`, so after any number of
+    resumes this covers the whole run, not only the last process (`TrainOutput.training_loss` covers the latter).
+    """
+    total, covered, previous, last = 0.0, 0, 0, None
+    for entry in log_history:
+        if "loss" not in entry or int(entry.get("step", 0)) <= previous:
+            continue
+        step = int(entry["step"])
+        total += float(entry["loss"]) * (step - previous)
+        covered += step - previous
+        previous, last = step, float(entry["loss"])
+    return {"train_loss": total / covered if covered else None, "last_loss": last, "loss_steps": covered}
 
 
 class EpochCallback(TrainerCallback):
@@ -97,6 +175,10 @@ class MLLMSegTrainer(Trainer):
         self.args.output_dir = staging_root
         try:
             super()._save_checkpoint(model, trial)
+        except Exception as error:
+            if not _is_write_failure(error):
+                raise
+            raise _save_failed(error, name, run_dir, staged) from error
         finally:
             self.args.output_dir = original
         self.accelerator.wait_for_everyone()  # every rank's files (RNG states, sharded optimizer) are in
@@ -179,7 +261,8 @@ def build_model_and_processor(model_cfg: dict[str, Any], seed: int = 0):
     return model, processor, base_path
 
 
-def hub_samples(path: str, hub_split: str = "train", image_root: str | None = None, split=None, text_key: str = "sent"):
+def hub_samples(path: str, hub_split: str = "train", image_root: str | None = None, split=None, text_key: str = "sent",
+                on_bad_record: str = "error"):
     """A `jxu124/refcoco`-schema dataset: a folder written by `Dataset.save_to_disk`, or a Hub id (downloaded by
     `datasets.load_dataset` only because the recipe names it; offline runs need it in the local cache)."""
     import datasets
@@ -194,33 +277,63 @@ def hub_samples(path: str, hub_split: str = "train", image_root: str | None = No
         if hub_split not in dataset:
             raise ValueError(f"{path}: no split {hub_split!r} (has {sorted(dataset)})")
         dataset = dataset[hub_split]
-    return HubRefCOCODataset(dataset, image_root=image_root, split=split, text_key=text_key)
+    return HubRefCOCODataset(dataset, image_root=image_root, split=split, text_key=text_key,
+                             on_bad_record=on_bad_record, source=str(path))
 
 
-def build_samples(specs) -> Any:
-    """`data.train:` list of sources -> one sequence of `ReferringSample`."""
+def _data_source_loaders() -> dict[str, Any]:
+    """`data.train` source type -> the loader its keys are passed to."""
     from ..data.refer import GRefCOCODataset, ReferDataset
     from ..data.synthetic import SyntheticReferringDataset
 
+    from ..data.rows import ReferringRowsDataset
+
+    return {"synthetic": SyntheticReferringDataset, "refer": ReferDataset, "grefcoco": GRefCOCODataset,
+            "hub": hub_samples, "rows": ReferringRowsDataset}
+
+
+def data_source_keys(kind: str) -> set[str] | None:
+    """The keys a `data.train` source of type `kind` accepts (its loader's arguments); None for an unknown type."""
+    import inspect
+
+    from ..data.refer import ReferDataset
+
+    loader = _data_source_loaders().get(kind)
+    if loader is None:
+        return None
+    names = lambda fn: {n for n in inspect.signature(fn).parameters if n not in ("self", "kwargs")}  # noqa: E731
+    keys = names(loader.__init__ if isinstance(loader, type) else loader)
+    if kind == "grefcoco":  # passes the rest on to ReferDataset, whose `dataset` it fixes
+        keys |= names(ReferDataset.__init__) - {"dataset"}
+    return keys
+
+
+def build_samples(specs, on_bad_record: str | None = None) -> Any:
+    """`data.train:` list of sources -> one sequence of `ReferringSample`. `on_bad_record` ("error" / "skip", the
+    recipe's `data.on_bad_record`) applies to the sources read from annotation files that do not set their own;
+    what they skipped is in `skipped_records(samples)`."""
     if isinstance(specs, dict):
         specs = [specs]
+    if on_bad_record is not None:
+        check_on_bad_record(on_bad_record, "data.on_bad_record")
+    loaders = _data_source_loaders()
     parts = []
-    for spec in specs:
+    for k, spec in enumerate(specs):
         spec = dict(spec)
         kind = spec.pop("type", None)
+        if kind not in loaders:
+            raise ValueError(f"data.train source {k}: unknown type {kind!r} (synthetic, refer, grefcoco, hub, rows)")
+        unknown = sorted(set(spec) - data_source_keys(kind))
+        if unknown:
+            raise ValueError(f"data.train source {k} ({kind}): unknown key(s) {unknown}; valid: "
+                             f"{', '.join(sorted(data_source_keys(kind)))}")
         if kind == "synthetic":
             for key in ("image_size", "size_range"):
                 if key in spec:
                     spec[key] = tuple(spec[key])
-            parts.append(SyntheticReferringDataset(**spec))
-        elif kind == "refer":
-            parts.append(ReferDataset(**spec))
-        elif kind == "grefcoco":
-            parts.append(GRefCOCODataset(**spec))
-        elif kind == "hub":
-            parts.append(hub_samples(**spec))
-        else:
-            raise ValueError(f"unknown data source type {kind!r} (synthetic, refer, grefcoco, hub)")
+        elif on_bad_record is not None and "on_bad_record" in data_source_keys(kind):
+            spec.setdefault("on_bad_record", on_bad_record)
+        parts.append(loaders[kind](**spec))
     return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
 
 
@@ -249,6 +362,14 @@ def training_arguments(recipe: dict[str, Any], output_dir: str) -> TrainingArgum
         kwargs["deepspeed"] = str(builtin)
     if kwargs["remove_unused_columns"]:
         raise ValueError("training.remove_unused_columns must stay false (the collator builds the model inputs)")
+    if "warmup_ratio" in kwargs and "warmup_ratio" not in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        # transformers 5 dropped `warmup_ratio`: a float `warmup_steps` below 1 is the ratio of the run instead.
+        ratio = kwargs.pop("warmup_ratio")
+        if kwargs.get("warmup_steps"):
+            raise ValueError("set training.warmup_steps or training.warmup_ratio, not both")
+        if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            raise ValueError(f"training.warmup_ratio must be a number in [0, 1), got {ratio!r}")
+        kwargs["warmup_steps"] = float(ratio)
     kwargs.setdefault("report_to", "none")
     kwargs.setdefault("seed", int(recipe.get("seed", 0)))
     if not torch.cuda.is_available():
@@ -263,6 +384,15 @@ def build_trainer(recipe: dict[str, Any], output_dir: str | None = None, callbac
     output_dir = str(output_dir or recipe.get("output_dir") or "outputs/" + str(recipe.get("name", "run")))
     seed = int(recipe.get("seed", 0))
     args = training_arguments(recipe, output_dir)
+    _warn_about_settings(args)
+    data_cfg = dict(recipe.get("data") or {})
+    if "train" not in data_cfg:
+        raise ValueError("the recipe has no data.train section")
+    # The data first: a bad annotation file stops the run before the model is built.
+    samples = build_samples(data_cfg["train"], on_bad_record=data_cfg.get("on_bad_record", "error"))
+    skipped = skipped_records(samples)
+    if skipped and args.process_index == 0:
+        logger.warning(f"skipped {len(skipped)} bad records (data.on_bad_record: skip); the first: {skipped[0]}")
     model, processor, base_path = build_model_and_processor(dict(recipe.get("model") or {}), seed=seed)
     lora_cfg = recipe.get("lora")
     if lora_cfg:
@@ -274,11 +404,8 @@ def build_trainer(recipe: dict[str, Any], output_dir: str | None = None, callbac
                 processor.save_pretrained(base_path)
         model = apply_lora(model, LoraRecipe(**lora_cfg))
         model.peft_config["default"].base_model_name_or_path = os.path.abspath(base_path)
-    data_cfg = dict(recipe.get("data") or {})
-    if "train" not in data_cfg:
-        raise ValueError("the recipe has no data.train section")
     train_dataset = ConversationDataset(
-        build_samples(data_cfg["train"]),
+        samples,
         seed=seed,
         max_expressions=int(data_cfg.get("max_expressions", 5)),
         jpeg_prob=float(data_cfg.get("jpeg_prob", 0.0)),
@@ -291,10 +418,22 @@ def build_trainer(recipe: dict[str, Any], output_dir: str | None = None, callbac
         train_dataset=train_dataset,
         data_collator=collator,
         processing_class=processor,
-        callbacks=[EpochCallback(train_dataset), *(callbacks or [])],
+        callbacks=[EpochCallback(train_dataset), LogAtSaveCallback(), *(callbacks or [])],
     )
-    info = {"output_dir": output_dir, "base_model": base_path, "trainable": trainable_parameter_counts(model)}
+    info = {"output_dir": output_dir, "base_model": base_path, "trainable": trainable_parameter_counts(model),
+            "skipped": skipped}
     return trainer, processor, info
+
+
+def _warn_about_settings(args: TrainingArguments) -> None:
+    """One warning line for settings that run but cannot do what they say."""
+    if args.process_index != 0 or args.max_steps <= 0:
+        return
+    warmup = args.get_warmup_steps(args.max_steps)
+    if warmup >= args.max_steps:
+        logger.warning(f"training.warmup_steps ({warmup}) is not shorter than the run (training.max_steps "
+                       f"{args.max_steps}): the learning rate never reaches training.learning_rate "
+                       f"({args.learning_rate:g})")
 
 
 def save_final(trainer, processor, output_dir: str) -> str:
@@ -304,9 +443,15 @@ def save_final(trainer, processor, output_dir: str) -> str:
     staged = os.path.join(output_dir, STAGING_DIR, FINAL_DIR)
     if trainer.args.should_save and os.path.exists(staged):
         shutil.rmtree(staged)
-    trainer.save_model(staged)
+    try:
+        trainer.save_model(staged)
+        if trainer.args.should_save:
+            processor.save_pretrained(staged)
+    except Exception as error:
+        if not _is_write_failure(error):
+            raise
+        raise _save_failed(error, FINAL_DIR, output_dir, staged) from error
     if trainer.args.should_save:
-        processor.save_pretrained(staged)
         # The pickled TrainingArguments stay in the checkpoints; a final model folder carries no pickle file
         # (releases refuse them), and the arguments are in train_summary.json's recipe anyway.
         args_file = os.path.join(staged, "training_args.bin")
@@ -355,13 +500,20 @@ def run_training(recipe: dict[str, Any], output_dir: str | None = None, resume: 
         return {**done, "trainer": trainer, "processor": processor}
     if resume is None:
         resume = os.path.isdir(out) and get_last_checkpoint(out) is not None
+    resumed_from = (get_last_checkpoint(out) if resume is True else str(resume)) if resume else None
+    if resume is True and resumed_from is None:
+        raise FileNotFoundError(f"cannot resume: no checkpoint-N folder in {out}")
     if trainer.is_world_process_zero():
         t = info["trainable"]
         print(f"trainable parameters: {t['trainable']:,} of {t['all']:,} (" + ", ".join(f"{k} {v:,}" for k, v in t.items() if k not in ("trainable", "all") and v) + ")")
-    result = trainer.train(resume_from_checkpoint=resume or None)
+    trainer.train(resume_from_checkpoint=resumed_from)
     final = save_final(trainer, processor, out)
-    summary = {"global_step": trainer.state.global_step, "train_loss": result.training_loss, "final": final,
-               "base_model": info["base_model"], "trainable": info["trainable"], "recipe": recipe}
+    # The loss over every step of the run, this process and those before a resume (TrainOutput.training_loss
+    # covers this process only).
+    summary = {"global_step": trainer.state.global_step, **loss_over_run(trainer.state.log_history),
+               "resumed_from": resumed_from, "final": final, "base_model": info["base_model"],
+               "trainable": info["trainable"], "skipped_records": len(info["skipped"]),
+               "skipped_examples": info["skipped"][:SKIPPED_EXAMPLES], "recipe": recipe}
     if trainer.is_world_process_zero():
         tmp = Path(out, "train_summary.json.tmp")
         tmp.write_text(json.dumps(summary, indent=2, default=str))
@@ -372,6 +524,8 @@ def run_training(recipe: dict[str, Any], output_dir: str | None = None, resume: 
 __all__ = [
     "MLLMSegTrainer",
     "NonFiniteLossError",
+    "CheckpointSaveError",
+    "loss_over_run",
     "EpochCallback",
     "build_trainer",
     "run_training",
