@@ -595,7 +595,18 @@ def test_sentencepiece_tokenizer_is_converted_locally(tmp_path, add_dummy_prefix
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
     added = {t: i for t, i in ids.items() if t not in ("<unk>", "<s>", "</s>")}
     split = re.compile("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")")
-    tok = fast_tokenizer_from_sentencepiece(tmp_path)
+    try:
+        tok = fast_tokenizer_from_sentencepiece(tmp_path)
+    except ValueError as error:
+        # Refused: then transformers' own conversion really encodes differently from sentencepiece (transformers
+        # 5.18 drops the dummy prefix), and nothing wrong was returned.
+        from transformers import PreTrainedTokenizerFast
+
+        assert "sentencepiece conversion does not reproduce this model" in str(error)
+        raw = PreTrainedTokenizerFast.from_pretrained(tmp_path, vocab_file=str(tmp_path / "tokenizer.model"))
+        assert any(raw(t, add_special_tokens=False)["input_ids"] != sp.encode(t) for t in STRINGS if t)
+        assert add_dummy_prefix  # InternLM2's convention (no dummy prefix) converts on every supported release
+        return
     assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == ("<s>", "</s>", "</s>", "<unk>")
     byte_pieces = 0
     for text in STRINGS:

@@ -511,6 +511,7 @@ def fast_tokenizer_from_sentencepiece(folder: str | Path):
         raise ValueError(f"{model_file}: the sentencepiece model could not be converted to a fast tokenizer ({error}); "
                          "check the sentencepiece / protobuf versions (pip install mllmseg[sentencepiece]) or pass a "
                          "folder holding a tokenizer.json with --tokenizer") from error
+    _check_against_sentencepiece(tok, model_file)
     config_path = folder / "tokenizer_config.json"
     declared = json.loads(config_path.read_text()).get("added_tokens_decoder", {}) if config_path.is_file() else {}
     vocab = tok.get_vocab()
@@ -520,6 +521,29 @@ def fast_tokenizer_from_sentencepiece(folder: str | Path):
         raise ValueError(f"{config_path}: added tokens changed ids in the sentencepiece conversion "
                          f"(token: (declared, got)): {dict(list(wrong.items())[:20])}")
     return tok
+
+
+# Plain text (no added token) on which the converted tokenizer must encode exactly as sentencepiece does.
+SENTENCEPIECE_PROBES = ("Hello world", " leading space", "two  spaces\tand\nlines", "The red circle is 12345",
+                        "每个人都有权享受教育。", "café ∑ ü 😀")
+
+
+def _check_against_sentencepiece(tok, model_file: Path) -> None:
+    """Refuse a conversion that does not encode like the sentencepiece model itself (some transformers releases
+    drop the model's dummy prefix, for one): a tokenizer that silently splits text differently would give the
+    converted model other inputs than the ones it was trained on."""
+    import sentencepiece
+    import transformers
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    for probe in SENTENCEPIECE_PROBES:
+        want, got = sp.encode(probe), tok(probe, add_special_tokens=False)["input_ids"]
+        if got != want:
+            raise ValueError(
+                f"{model_file}: transformers {transformers.__version__}'s sentencepiece conversion does not reproduce "
+                f"this model ({probe!r}: {got[:8]} instead of {want[:8]}); use a newer transformers, or pass a folder "
+                "holding the release's tokenizer.json with --tokenizer"
+            )
 
 
 def _restore_dtypes(model, weights: Path, dtypes: dict) -> None:
