@@ -17,3 +17,17 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 def fixtures_dir() -> Path:
     assert FIXTURES.is_dir(), f"test fixtures not found at {FIXTURES}"
     return FIXTURES
+
+
+@pytest.fixture(scope="module")
+def mini(fixtures_dir):
+    """The RefCOCOg (umd) mini fixture: refs, instances, per-ref verification records and its folder."""
+    import json
+    import pickle
+
+    folder = fixtures_dir / "refcocog_umd_mini"
+    with open(folder / "refs(umd).p", "rb") as f:
+        refs = pickle.load(f)
+    instances = json.loads((folder / "instances.json").read_text())
+    verification = {v["ref_id"]: v for v in json.loads((folder / "verification.json").read_text())}
+    return {"refs": refs, "instances": instances, "verification": verification, "folder": folder}

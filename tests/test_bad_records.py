@@ -7,7 +7,6 @@ the fixture has exactly one ref, so dropping an image drops one ref.
 import io
 import json
 import os
-import pickle
 import subprocess
 import sys
 
@@ -23,16 +22,6 @@ COCO_NAME = "images/mscoco/images/train2014/COCO_train2014_{:012d}.jpg"
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
-
-
-@pytest.fixture(scope="module")
-def mini(fixtures_dir):
-    folder = fixtures_dir / "refcocog_umd_mini"
-    with open(folder / "refs(umd).p", "rb") as f:
-        refs = pickle.load(f)
-    instances = json.loads((folder / "instances.json").read_text())
-    verification = {v["ref_id"]: v for v in json.loads((folder / "verification.json").read_text())}
-    return {"refs": refs, "instances": instances, "verification": verification}
 
 
 def _copy(value):

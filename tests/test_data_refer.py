@@ -25,18 +25,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't
 
 
 @pytest.fixture(scope="module")
-def mini(fixtures_dir):
-    folder = fixtures_dir / "refcocog_umd_mini"
-    with open(folder / "refs(umd).p", "rb") as f:
-        refs = pickle.load(f)
-    with open(folder / "instances.json") as f:
-        instances = json.load(f)
-    with open(folder / "verification.json") as f:
-        verification = {v["ref_id"]: v for v in json.load(f)}
-    return {"refs": refs, "instances": instances, "verification": verification, "folder": folder}
-
-
-@pytest.fixture(scope="module")
 def root(tmp_path_factory, fixtures_dir, mini):
     """<root>/refcocog (pickle), <root>/grefcoco (json), and blank images for every fixture image."""
     root = tmp_path_factory.mktemp("refer")

@@ -31,6 +31,16 @@ print("RESULT " + json.dumps({"items": items, "listed": [[i["label"] for i in r]
 """
 
 
+def _run_fresh(script: str, folder, image_path, tmp_path) -> dict:
+    """Run `script` in a fresh `python -I` (offline, its own HF_HOME) and return the JSON it prints after RESULT."""
+    proc = subprocess.run([sys.executable, "-I", "-c", script, str(folder), str(image_path)], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                                                                     "HF_HOME": str(tmp_path / "hf")})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[0][len("RESULT "):])
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pipe") / "ckpt"
@@ -49,12 +59,7 @@ def test_pipeline_from_a_saved_checkpoint_matches_segment(saved, tmp_path):
     rng = np.random.default_rng(0)
     image_path = tmp_path / "photo.png"
     Image.fromarray(rng.integers(0, 255, (70, 110, 3), dtype=np.uint8)).save(image_path)
-    proc = subprocess.run([sys.executable, "-I", "-c", _SCRIPT, str(folder), str(image_path)], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-                                                                     "HF_HOME": str(tmp_path / "hf")})
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    got = json.loads(lines[0][len("RESULT "):])
+    got = _run_fresh(_SCRIPT, folder, image_path, tmp_path)
     assert got["cls"] == got["default"] == "MLLMSegSegmentationPipeline" and got["mask_mode"] == "L"
     assert got["listed"] == [["left"], ["right"]]  # a dict's own expressions win over the shared ones
     with torch.no_grad():
@@ -125,12 +130,7 @@ def test_chat_template_and_image_text_to_text_pipeline_equal_chat(saved, tmp_pat
     folder, model, processor = saved
     image_path = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(3).integers(0, 255, (50, 80, 3), dtype=np.uint8)).save(image_path)
-    proc = subprocess.run([sys.executable, "-I", "-c", _CHAT_SCRIPT, str(folder), str(image_path)], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-                                                                     "HF_HOME": str(tmp_path / "hf")})
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    got = json.loads(lines[0][len("RESULT "):])
+    got = _run_fresh(_CHAT_SCRIPT, folder, image_path, tmp_path)
     assert got["same_ids"] and got["same_pixels"]
     assert got["by_chat"] == got["by_tokenizer"] and got["by_chat"]
     assert got["piped"] == got["generated_ids"] and got["answer_role"] == "assistant"  # the pipeline's tokens

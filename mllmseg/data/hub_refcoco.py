@@ -49,6 +49,7 @@ from .records import (
     check_bbox,
     check_on_bad_record,
     image_size,
+    sample_index,
     union_box,
     xywh_to_xyxy,
 )
@@ -131,10 +132,7 @@ class HubRefCOCODataset:
         return sum(len(rows) for rows in self._by_image.values())
 
     def __getitem__(self, index: int) -> ReferringSample:
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        index = sample_index(index, len(self))
         image_id = self.image_ids[index]
         rows = self._by_image[image_id]
         records = [self._rows[r] for r in rows]

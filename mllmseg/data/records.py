@@ -23,6 +23,14 @@ Box = Tuple[float, float, float, float]
 ON_BAD_RECORD = ("error", "skip")
 
 
+def sample_index(index: int, length: int) -> int:
+    """`index` (negative counts from the end) as a position in a sequence of `length` samples, or IndexError."""
+    position = index + length if index < 0 else index
+    if not 0 <= position < length:
+        raise IndexError(f"index {index} out of range for {length} samples")
+    return position
+
+
 class BadRecordError(ValueError):
     """An annotation record that cannot be used as it is. The message names the file (or dataset), the record
     (position, ref / ann / image id) and the field."""

@@ -40,6 +40,7 @@ from .records import (
     check_bbox,
     check_on_bad_record,
     image_size,
+    sample_index,
     union_box,
     xywh_to_xyxy,
 )
@@ -333,10 +334,7 @@ class ReferDataset:
         return self.image_root / self.image_template.format(image_id=image_id, file_name=info.get("file_name", ""))
 
     def __getitem__(self, index: int) -> ReferringSample:
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        index = sample_index(index, len(self))
         image_id = self.image_ids[index]
         height, width = image_size(self._images[image_id])  # checked at construction
 

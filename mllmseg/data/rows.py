@@ -32,13 +32,13 @@ from PIL import Image, ImageOps
 
 from ..remote_code.image_processing_mllmseg import to_rgb
 from .masks import BadSegmentationError, decode_segmentation
-from .records import Referent, ReferringSample, mask_to_box
+from .records import BadRecordError, Referent, ReferringSample, mask_to_box, sample_index
 
 COLUMNS = ("image", "expression", "mask", "image_id")
 METADATA_FILE = "metadata.jsonl"
 
 
-class BadRowError(ValueError):
+class BadRowError(BadRecordError):
     """A row that cannot become a training / evaluation sample (the message names the source, row and column)."""
 
 
@@ -137,10 +137,7 @@ class ReferringRowsDataset:
         return f"{self.name} row {row} column {column!r}"
 
     def __getitem__(self, index: int) -> ReferringSample:
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        index = sample_index(index, len(self))
         image_id = self.image_ids[index]
         rows = self._by_image[image_id]
         records = [self._rows[r] for r in rows]
