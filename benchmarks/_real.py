@@ -174,9 +174,9 @@ def decoder_flops(config: MLLMSegConfig, fused_tiles: int, mask_tiles: int) -> d
     ffn = 2 * 2 * n * d * f
     offset = 2 * m * d * (2 * config.upsampler_groups * 4)
     fusion = 2 * m * t * d + self_attn + cross + ffn + offset + 2 * n * 3 * d * d + self_attn
-    # Per mask: text_down, the one-key cross-attention (value projection of one row; out_proj as the code runs it,
-    # on the row expanded to all G*G queries), FFN, conv1 (3x3, D -> P*P), conv2 (5x5 on S x S).
-    head = 2 * t * d + 2 * d * d + 2 * n * d * d + ffn + 2 * n * d * p * p * 9 + 2 * 25 * (n * p * p)
+    # Per mask: text_down, the one-key cross-attention (value projection and out_proj of its one row, expanded to the
+    # G*G queries afterwards), FFN, conv1 (3x3, D -> P*P), conv2 (5x5 on S x S).
+    head = 2 * t * d + 2 * d * d + 2 * d * d + ffn + 2 * n * d * p * p * 9 + 2 * 25 * (n * p * p)
     return {"fusion": fused_tiles * fusion, "head": mask_tiles * head}
 
 
@@ -193,7 +193,7 @@ def stage_flops(config: MLLMSegConfig, work: Workload) -> dict[str, float]:
 
 def workload_from_batch(config: MLLMSegConfig, batch, lm_rows: int | None = None) -> Workload:
     """The workload of a processor batch (`input_ids`, `attention_mask`, `num_tiles`, `tile_grids`) in fast mode:
-    the LM head on one row per sample plus one per slot (`logits_to_keep=1` + `slot_logits`)."""
+    the LM head on one row per sample plus one per slot (`logits_to_keep=1`; one call, `head_logits`)."""
     ids, attention = batch["input_ids"], batch["attention_mask"]
     seq_lens = attention.sum(1).tolist()
     seg = (ids == config.seg_token_id).sum(1).tolist()

@@ -7,11 +7,12 @@ Three ways to segment E expressions of one image, timed side by side:
 * `packed`: `model.segment(processor, image, [e1, ..., eE])`, the paper's evaluation protocol: one teacher-forced
   forward over one conversation that lists every expression (`"What are e1, e2...?"` / `"Sure,e1:[SEG], e2:[SEG]."`);
   the ViT, the prefill and the image fusion run once, the decoder head once per `[SEG]`.
-* `shared_prefix` (written here): the E one-expression conversations of `separate`, but the image is encoded once,
-  the LLM runs once over the common prefix (system turn + image tokens) and the E suffixes run as one batch on a
-  copy of that prefix's KV cache; image fusion once, one decoder head per expression.
+* `per_expression`: `model.segment(processor, image, [e1, ..., eE], mode="per_expression")`, the E one-expression
+  conversations of `separate`, but the image is encoded once, the LLM runs once over the common prefix (system turn
+  + image tokens) and the E suffixes run as one batch on a copy of that prefix's KV cache; image fusion once, one
+  decoder head per expression.
 
-Equality: `shared_prefix` computes exactly what `separate` computes (same conversations), so its masks must match
+Equality: `per_expression` computes exactly what `separate` computes (same conversations), so its masks must match
 (allclose on mask probabilities, equal binary masks and `[REJ]` decisions). `packed` is a *different conversation*
 (each `[SEG]` state also sees the other expressions, and the question lists them all), so its masks are not
 expected to equal `separate`'s: what must be, and is checked, equal is everything image-side (ViT features and the
@@ -27,7 +28,7 @@ import argparse
 
 import torch
 
-from _common import (describe, interleaved, machine, median, mid_model, predict_masks, random_image, ratio_line,
+from _common import (describe, interleaved, machine, median, mid_model, random_image, ratio_line,
                      single_thread)
 
 from mllmseg.remote_code.conversation_mllmseg import evaluation_prompt
@@ -47,45 +48,8 @@ def packed(model, processor, image, expressions):
 
 
 @torch.inference_mode()
-def shared_prefix(model, processor, image, expressions, threshold: float = 0.5):
-    """`separate`'s conversations with one ViT pass, one prefix prefill and one image fusion.
-
-    Returns `(probabilities (E, h, w), masks (E, h, w) bool, rejected (E,))` as `separate` computes them.
-    """
-    prompts = [evaluation_prompt([e]) for e in expressions]
-    n = len(prompts)
-    batch = processor(images=[image] * n, text=[q for q, _ in prompts], answers=[a for _, a in prompts],
-                      tiling="single")
-    ids, attention = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
-    tiles = int(batch["num_tiles"][0])
-    # Longest common prefix of the conversations (all the image tokens are in it).
-    same = (ids == ids[:1]).all(0) & attention.bool().all(0)
-    prefix = int(same.long().cumprod(0).sum())
-    image_pos = (ids[0] == model.config.image_token_id).nonzero().flatten()
-    if prefix <= int(image_pos.max()):
-        raise ValueError("the conversations share no prefix covering the image")
-    image_outputs = model.get_image_features(batch["pixel_values"][:tiles].to(model.device, model.dtype),
-                                             return_dict=True)
-    head = model.model(input_ids=ids[:1, :prefix], mm_encoder_outputs={"image": image_outputs}, use_cache=True)
-    cache = head.past_key_values
-    cache.batch_repeat_interleave(n)
-    length = ids.shape[1]
-    positions = torch.arange(prefix, length, device=ids.device).expand(n, -1)
-    tail = model.model(input_ids=ids[:, prefix:], attention_mask=attention, past_key_values=cache,
-                       position_ids=positions, use_cache=False)
-    hidden = torch.cat([head.last_hidden_state.expand(n, -1, -1), tail.last_hidden_state], dim=1)
-    seg_emb, seg_sample = model.seg_embeddings(ids, hidden)
-    if seg_sample.tolist() != list(range(n)):
-        raise ValueError("expected one [SEG] per conversation")
-    logits = predict_masks(
-        model, ids[:1], head.last_hidden_state, image_outputs, seg_emb,
-        torch.zeros_like(seg_sample),  # every [SEG] reads the one shared image
-        torch.tensor([tiles], device=ids.device), batch["tile_grids"][:1].to(ids.device),
-    )[0]
-    slot = model.lm_head(seg_emb).float()
-    rejected = (slot.argmax(-1) == model.config.rej_token_id).cpu()
-    probs, masks = processor.post_process_masks(logits.cpu(), batch["original_sizes"][0], threshold)
-    return probs, masks & ~rejected[:, None, None], rejected
+def per_expression(model, processor, image, expressions):
+    return model.segment(processor, image, list(expressions), mode="per_expression")
 
 
 @torch.inference_mode()
@@ -120,7 +84,8 @@ def check(model, processor, image, expressions) -> dict:
     sep_probs = torch.cat([r.probabilities for r in sep])
     sep_masks = torch.cat([r.masks for r in sep])
     sep_rej = torch.cat([r.rejected for r in sep])
-    sp_probs, sp_masks, sp_rej = shared_prefix(model, processor, image, expressions)
+    sp = per_expression(model, processor, image, expressions)
+    sp_probs, sp_masks, sp_rej = sp.probabilities, sp.masks, sp.rejected
     pk = packed(model, processor, image, expressions)
     ref_logits = packed_plain_reference(model, processor, image, expressions)
     with torch.inference_mode():
@@ -130,12 +95,12 @@ def check(model, processor, image, expressions) -> dict:
     vit_a, img_a = image_side(model, processor, image, expressions)
     vit_b, img_b = image_side(model, processor, image, expressions[:1])
     return {
-        "shared_prefix_vs_separate_max_prob_diff": float((sp_probs - sep_probs).abs().max()),
-        "shared_prefix_vs_separate_masks_equal": bool(torch.equal(sp_masks, sep_masks) and torch.equal(sp_rej, sep_rej)),
-        "shared_prefix_vs_separate_rej_equal": bool(torch.equal(sp_rej, sep_rej)),
-        "shared_prefix_vs_separate_pixels_differing": int((sp_masks != sep_masks).sum()),
+        "per_expression_vs_separate_max_prob_diff": float((sp_probs - sep_probs).abs().max()),
+        "per_expression_vs_separate_masks_equal": bool(torch.equal(sp_masks, sep_masks) and torch.equal(sp_rej, sep_rej)),
+        "per_expression_vs_separate_rej_equal": bool(torch.equal(sp_rej, sep_rej)),
+        "per_expression_vs_separate_pixels_differing": int((sp_masks != sep_masks).sum()),
         # how close to the 0.5 threshold the differing pixels are (a flip within rounding, not a different mask)
-        "shared_prefix_vs_separate_flip_margin": float((sep_probs[sp_masks != sep_masks] - 0.5).abs().max())
+        "per_expression_vs_separate_flip_margin": float((sep_probs[sp_masks != sep_masks] - 0.5).abs().max())
         if bool((sp_masks != sep_masks).any()) else 0.0,
         "packed_vs_plain_decoder_max_logit_diff": float((pk_logits - ref_logits).abs().max()),
         "image_side_max_diff": max(float((vit_a - vit_b).abs().max()), float((img_a - img_b).abs().max())),
@@ -157,14 +122,14 @@ def main(argv=None):
     print(describe(model))
     print("Packing changes the protocol: `packed` is the paper's evaluation conversation (one question listing every "
           "expression, each [SEG] also sees the earlier answers), not the same computation as separate calls; "
-          "`shared_prefix` is the one that equals separate calls. Prompts carry the InternVL2.5 system message.")
+          "`per_expression` (segment's mode) is the one that equals separate calls. Prompts carry the InternVL2.5 system message.")
     image = random_image()
     expressions = EXPRESSIONS[: args.expressions]
     c = check(model, processor, image, expressions)
-    print(f"shared_prefix vs separate: max |prob diff| {c['shared_prefix_vs_separate_max_prob_diff']:.2e}, binary masks "
-          f"and [REJ] equal: {c['shared_prefix_vs_separate_masks_equal']} ([REJ] equal: "
-          f"{c['shared_prefix_vs_separate_rej_equal']}, {c['shared_prefix_vs_separate_pixels_differing']} pixels differ, "
-          f"all within {c['shared_prefix_vs_separate_flip_margin']:.1e} of the 0.5 threshold)")
+    print(f"per_expression vs separate: max |prob diff| {c['per_expression_vs_separate_max_prob_diff']:.2e}, binary masks "
+          f"and [REJ] equal: {c['per_expression_vs_separate_masks_equal']} ([REJ] equal: "
+          f"{c['per_expression_vs_separate_rej_equal']}, {c['per_expression_vs_separate_pixels_differing']} pixels differ, "
+          f"all within {c['per_expression_vs_separate_flip_margin']:.1e} of the 0.5 threshold)")
     print(f"packed vs the same conversation decoded per [SEG] from scratch: max |logit diff| "
           f"{c['packed_vs_plain_decoder_max_logit_diff']:.2e}; image-side features (ViT, T_img^2) packed vs one "
           f"expression: max |diff| {c['image_side_max_diff']:.2e}")
@@ -174,16 +139,16 @@ def main(argv=None):
     times = interleaved({
         "separate": lambda: separate(model, processor, image, expressions),
         "packed": lambda: packed(model, processor, image, expressions),
-        "shared_prefix": lambda: shared_prefix(model, processor, image, expressions),
+        "per_expression": lambda: per_expression(model, processor, image, expressions),
     }, repeats)
     print(ratio_line(times, "separate", "packed"))
-    print(ratio_line(times, "separate", "shared_prefix"))
+    print(ratio_line(times, "separate", "per_expression"))
     r_packed = median(times["separate"]) / median(times["packed"])
-    r_shared = median(times["separate"]) / median(times["shared_prefix"])
+    r_shared = median(times["separate"]) / median(times["per_expression"])
     print(f"RESULT packed ratio={r_packed:.2f} target>=3 (a different protocol: not equal to separate calls) | "
-          f"shared_prefix ratio={r_shared:.2f} (equal to separate calls) "
-          f"max_prob_diff={c['shared_prefix_vs_separate_max_prob_diff']:.2e}")
-    ok = (c["shared_prefix_vs_separate_max_prob_diff"] < 1e-4 and c["packed_vs_plain_decoder_max_logit_diff"] < 1e-3
+          f"per_expression ratio={r_shared:.2f} (equal to separate calls) "
+          f"max_prob_diff={c['per_expression_vs_separate_max_prob_diff']:.2e}")
+    ok = (c["per_expression_vs_separate_max_prob_diff"] < 1e-4 and c["packed_vs_plain_decoder_max_logit_diff"] < 1e-3
           and c["image_side_max_diff"] < 1e-4)
     if not ok:
         raise SystemExit("equality checks failed")

@@ -16,9 +16,11 @@ Ratio = measured / floor, in CPU time (the wall-time ratio alongside).
 
 Diagnostics (`--diagnose`, on by default; 1 tile, 7 expressions): the kernel mix (torch.profiler: matrix products,
 attention, element-wise, copies), sdpa vs eager attention, the LM head over every position vs only the slot rows,
-thread counts, and a prototype of one decoder fix (see RESULTS.md section 8).
+thread counts, the decoder's one-key attention against the computation it replaced, `per_expression` against
+separate calls, what a system prompt shared across a batch would save, and prototypes (see RESULTS.md section 8).
 
     .venv/bin/python benchmarks/bench_real_size.py [--quick] [--repeats 3] [--threads 2 1] [--no-diagnose]
+    .venv/bin/python benchmarks/bench_real_size.py --only one_key lm_head_calls per_expression system_prompt
 """
 from __future__ import annotations
 
@@ -245,22 +247,22 @@ def lm_head_comparison(model, processor):
 
 
 def one_key_out_proj(model, processor):
-    """Prototype of a decoder fix, measured by monkeypatching (the code lives in mllmseg/remote_code, which this
-    benchmark does not change): with a single memory token (the `[SEG]` embedding) the cross-attention output is
-    the same row for every query, and `out_proj` can run on that row before it is expanded to the G*G queries
-    instead of after. Checks the masks are equal."""
+    """The decoder's one-key cross-attention (issue 21): with a single memory token (the `[SEG]` embedding) the
+    output is the same row for every query, and `out_proj` runs on that row before it is expanded to the G*G queries
+    (mask_decoder_mllmseg.py). Measured against the computation it replaced (out_proj after the expand), patched
+    back in for the comparison; checks the masks are equal."""
     from mllmseg.remote_code import mask_decoder_mllmseg as dec
 
     layer_cls = dec._DecoderLayer
-    original = layer_cls._attention
+    current = layer_cls._attention
 
-    def patched(self, attn, query, memory):
+    def out_proj_after_expand(self, attn, query, memory):
         p = self.attn_dropout if self.training else 0.0
         if memory.shape[1] == 1 and p == 0.0:
             _, _, w_v = attn.in_proj_weight.split(query.shape[-1])
             b_v = attn.in_proj_bias.split(query.shape[-1])[2]
-            return attn.out_proj(torch.nn.functional.linear(memory, w_v, b_v)).expand(-1, query.shape[1], -1)
-        return original(self, attn, query, memory)
+            return attn.out_proj(torch.nn.functional.linear(memory, w_v, b_v).expand(-1, query.shape[1], -1))
+        return current(self, attn, query, memory)
 
     image, expressions, tiling, _ = case_inputs(processor, "1 tile, k=7")
     clock = StageClock(model, processor)
@@ -269,22 +271,87 @@ def one_key_out_proj(model, processor):
             clock.reset()
             result = model.segment(processor, image, expressions, tiling=tiling)
             return clock.cpu["decoder"], result
-        base, before = decoder_time()
-        layer_cls._attention = patched
+        layer_cls._attention = out_proj_after_expand
         try:
             decoder_time()
-            fixed, after = decoder_time()
+            before_ms, before = decoder_time()
         finally:
-            layer_cls._attention = original
+            layer_cls._attention = current
+        decoder_time()
+        after_ms, after = decoder_time()
     finally:
         clock.close()
     same = bool(torch.equal(before.masks, after.masks))
     diff = float((before.probabilities - after.probabilities).abs().max())
-    print(f"\n## Decoder prototype: out_proj before the expand (1 tile, k=7): decoder {base * 1e3:.0f} -> "
-          f"{fixed * 1e3:.0f} ms CPU; {2 * model.config.vision_grid ** 2 * 1024 ** 2 * len(expressions) / 1e9:.1f} "
+    print(f"\n## Decoder one-key attention, out_proj before the expand (1 tile, k=7): decoder {before_ms * 1e3:.0f} -> "
+          f"{after_ms * 1e3:.0f} ms CPU; {2 * model.config.vision_grid ** 2 * 1024 ** 2 * len(expressions) / 1e9:.1f} "
           f"GFLOP fewer; binary masks equal: {same}, max |probability diff| {diff:.1e}")
-    return base, fixed
+    return before_ms, after_ms
 
+
+def per_expression_vs_separate(model, processor, k: int = 7):
+    """`segment(mode="per_expression")` (the image prefix run once, its KV cache shared by the k suffixes) vs k
+    separate one-expression calls, which it must equal, and the packed `fast` conversation; 1 tile, CPU time."""
+    image, expressions, tiling, _ = case_inputs(processor, f"1 tile, k={k}")
+    runs = {"separate": lambda: [model.segment(processor, image, [e], tiling=tiling) for e in expressions],
+            "per_expression": lambda: model.segment(processor, image, expressions, mode="per_expression",
+                                                    tiling=tiling),
+            "fast": lambda: model.segment(processor, image, expressions, tiling=tiling)}
+    times = {name: cpu_time(run, repeats=1) for name, run in runs.items()}
+    separate, shared = runs["separate"](), runs["per_expression"]()
+    diff = float((torch.cat([r.probabilities for r in separate]) - shared.probabilities).abs().max())
+    equal = bool(torch.equal(torch.cat([r.masks for r in separate]), shared.masks)
+                 and torch.equal(torch.cat([r.rejected for r in separate]), shared.rejected))
+    print(f"\n## per_expression vs separate calls (1 tile, k={k}): separate {times['separate'] * 1e3:.0f} ms, "
+          f"per_expression {times['per_expression'] * 1e3:.0f} ms ({times['separate'] / times['per_expression']:.2f}x), "
+          f"packed fast {times['fast'] * 1e3:.0f} ms CPU; per_expression vs separate: max |probability diff| "
+          f"{diff:.1e}, binary masks and [REJ] equal: {equal}")
+    return times
+
+
+def system_prompt_share(model, processor, batch_size: int = 8):
+    """What sharing the system turn's KV cache across the images of a fast-mode batch would save: the tokens before
+    the first image token (system turn + `<|im_start|>user\n<img>`, the same in every conversation) against the
+    tokens of the LLM pass, and the LLM time of a batch of `batch_size` one-tile conversations (k = 1) run whole vs
+    with that prefix run once and expanded (`batch_repeat_interleave`, transformers' cache API); exactness as the
+    max |state difference|. A measurement only: `segment` does not do this."""
+    from mllmseg.remote_code.compat_mllmseg import cache_kwargs, output_cache
+
+    images = [random_image(640, 480, seed=i) for i in range(batch_size)]
+    prompts = [processor.segmentation_prompt([EXPRESSIONS[i % len(EXPRESSIONS)]]) for i in range(batch_size)]
+    batch = processor(images=images, text=[q for q, _ in prompts], answers=[a for _, a in prompts], tiling="single")
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    prefix = int((ids[0] == model.config.image_token_id).nonzero().min())
+    assert bool((ids[:, :prefix] == ids[:1, :prefix]).all())
+    with torch.inference_mode():
+        image = model.get_image_features(batch["pixel_values"].to(model.dtype), return_dict=True)
+        llm = model.model.language_model
+        embeds = model.model.get_input_embeddings()(ids)
+        mask = ids == model.config.image_token_id
+        embeds[mask] = image.pooler_output.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+
+        def whole():
+            return llm(inputs_embeds=embeds, attention_mask=attention, use_cache=False).last_hidden_state
+
+        def shared():
+            head = llm(inputs_embeds=embeds[:1, :prefix], use_cache=True)
+            cache = output_cache(head)
+            cache.batch_repeat_interleave(batch_size)
+            positions = torch.arange(prefix, ids.shape[1]).expand(batch_size, -1)
+            tail = llm(inputs_embeds=embeds[:, prefix:], attention_mask=attention, position_ids=positions,
+                       use_cache=True, **cache_kwargs(cache)).last_hidden_state
+            return torch.cat([head.last_hidden_state.expand(batch_size, -1, -1), tail], dim=1)
+
+        t_whole, t_shared = cpu_time(whole, repeats=1), cpu_time(shared, repeats=1)
+        real = attention.bool()
+        diff = float((whole() - shared())[real].abs().max())
+    total = int(attention.sum())
+    print(f"\n## Shared system prompt ({batch_size} images, 1 tile, k=1): {prefix} tokens before the image of "
+          f"{total / batch_size:.0f} per conversation ({100 * prefix / (total / batch_size):.1f}%); sharing saves "
+          f"{prefix * (batch_size - 1)} of {total} LLM tokens ({100 * prefix * (batch_size - 1) / total:.1f}%); LLM "
+          f"{t_whole * 1e3:.0f} ms whole vs {t_shared * 1e3:.0f} ms shared CPU ({t_whole / t_shared:.2f}x); max |state "
+          f"diff| {diff:.1e}")
+    return t_whole, t_shared
 
 def transposed_weights(model, processor):
     """Prototype: every linear layer (LM head excepted) multiplies by a pre-transposed contiguous copy of its
@@ -320,9 +387,10 @@ def transposed_weights(model, processor):
 
 
 def lm_head_calls(model, processor):
-    """Fast mode applies the LM head twice (the last position, `logits_to_keep=1`, then the slot rows in
-    `slot_logits`): at 1B its weight is 151,676 x 896 bf16 = 272 MB, streamed from memory for each call whatever
-    the rows. One call over all the rows instead, measured on random states."""
+    """Fast mode's forward (`logits_to_keep=1`) runs the LM head once over the last position and the slot rows
+    gathered together (`head_logits`, issue 21); before, it ran twice (the last position, then the slot rows): at
+    1B the weight is 151,676 x 896 bf16 = 272 MB, streamed from memory for each call whatever the rows. Two calls
+    vs the one, on random states."""
     _, _, _, batch = case_inputs(processor, "1 tile, k=7")
     work = workload_from_batch(model.config, batch)
     width = model.config.text_config.hidden_size
@@ -365,7 +433,15 @@ def main(argv=None):
     parser.add_argument("--one-thread-cases", nargs="+", choices=sorted(CASES), default=["1 tile, k=1", "1 tile, k=7"],
                         help="cases also run with 1 thread (the 7-tile ones take long)")
     parser.add_argument("--no-diagnose", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=sorted(DIAGNOSTICS), default=None,
+                        help="run only these diagnostics (no cases), with the fewest --threads")
     args = parser.parse_args(argv)
+    if args.only:
+        model, processor, _ = real_model("1b")
+        torch.set_num_threads(min(args.threads))
+        print(f"# 8. diagnostics at real InternVL2.5-1B shapes (random bf16 weights)\n{machine()}\n"
+              f"{torch.get_num_threads()} thread(s)")
+        return {name: DIAGNOSTICS[name](model, processor) for name in args.only}
     repeats = args.repeats or (2 if args.quick else 3)
     cases = args.cases or (["1 tile, k=7"] if args.quick else list(CASES))
     thread_setting()
@@ -400,15 +476,15 @@ def main(argv=None):
         # Diagnostics run with the fewest threads asked for: on a shared machine one thread is the stable setting.
         torch.set_num_threads(min(args.threads))
         print(f"\n# Diagnostics, {torch.get_num_threads()} thread(s)")
-        flop_cross_check(model, processor)
-        kernel_mix(model, processor)
-        attention_comparison(model, processor)
-        lm_head_comparison(model, processor)
-        lm_head_calls(model, processor)
-        one_key_out_proj(model, processor)
-        flush_denormal(model, processor)
-        transposed_weights(model, processor)
+        for diagnostic in DIAGNOSTICS.values():
+            diagnostic(model, processor)
     return results
+
+
+DIAGNOSTICS = {"flops": flop_cross_check, "kernels": kernel_mix, "attention": attention_comparison,
+               "lm_head": lm_head_comparison, "lm_head_calls": lm_head_calls, "one_key": one_key_out_proj,
+               "per_expression": per_expression_vs_separate, "system_prompt": system_prompt_share,
+               "denormal": flush_denormal, "transposed": transposed_weights}
 
 
 if __name__ == "__main__":

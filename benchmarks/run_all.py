@@ -27,6 +27,7 @@ BENCHMARKS = {  # name: (script, extra arguments for --quick)
     "decoder": ("bench_decoder.py", ["--quick"]),
     "training": ("bench_training.py", ["--quick"]),
     "real_size": ("bench_real_size.py", ["--quick"]),
+    "evaluation": ("bench_evaluation.py", ["--quick"]),
 }
 
 

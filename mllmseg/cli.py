@@ -66,9 +66,22 @@ def pickle_refusal_message(error: pickle.UnpicklingError) -> str:
             "loaded; use files you made or trust, or delete this one.")
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """`parser.parse_args`, except that a command whose defaults name an `intermixed` positional list (segment's
+    images / expressions) also takes positionals after its options (`MODEL -e 'the dog' a.png b.png`), which
+    argparse alone leaves unrecognised (its `parse_intermixed_args` does not support subcommands)."""
+    args, extra = parser.parse_known_args(argv)
+    target = getattr(args, "intermixed", None)
+    if extra and target and not any(item.startswith("-") for item in extra):
+        setattr(args, target, [*getattr(args, target), *extra])
+    elif extra:
+        parser.parse_args(argv)  # argparse's own error for what is left (exits)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     try:
         return int(args.func(args) or 0)
     except (CommandError, OSError, ValueError, ImportError, pickle.UnpicklingError) as error:

@@ -7,10 +7,13 @@ fonts, so neither the server nor the page reaches the network.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import inspect
 import os
 import re
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -130,6 +133,36 @@ def chat_turn(model, processor, image, question: str, history: list | None, tili
     return answer, history
 
 
+def example_inputs(folder: str | os.PathLike, count: int = 3, max_expressions: int = 3) -> list[tuple[str, str]]:
+    """Example inputs for the Segment tab that work offline: `count` synthetic shape scenes (held-out draws of the
+    scenes `mllmseg quickstart` trains on, at 336 x 336) written as PNGs into `folder`, each with up to
+    `max_expressions` expressions the generator resolved against that scene (by colour, shape, position, size or
+    count; some may name several shapes, or none, which the model should answer with [REJ]). Returns `[(image path, "expression; expression"), ...]`; the same scenes every time."""
+    from PIL import Image
+
+    from .data.synthetic import SyntheticReferringDataset
+    from .training.recipes import synthetic_scene_kwargs
+
+    kwargs = {**synthetic_scene_kwargs("tiny"), "image_size": (336, 336)}
+    scenes = SyntheticReferringDataset(count, seed=0, split="demo", **kwargs)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    examples = []
+    for index in range(count):
+        scene = scenes.scene(index)
+        path = folder / f"shapes_{index}.png"
+        Image.fromarray(scene.image).save(path)
+        examples.append((str(path), "; ".join(e.text for e in scene.expressions[:max_expressions])))
+    return examples
+
+
+def chat_examples(segment_examples: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Example (image, question) pairs for the Chat tab, on the first Segment example's scene."""
+    image, expressions = segment_examples[0]
+    return [(image, "What shapes are in this image?"),
+            (image, f"Please segment {split_expressions(expressions)[0]}.")]
+
+
 def model_title(model, model_path: str | None = None) -> str:
     """A title for the page from the model: a release card's own `# heading` (its README.md), else the Hub id,
     else the nearest folder name that is not a run's layout (`mllmseg-quickstart/run/final` -> `mllmseg-quickstart`).
@@ -173,12 +206,17 @@ def _local_theme(gr):
 
 
 def build_demo(model, processor, title: str | None = None, max_new_tokens: int = 128,
-               limits: DemoLimits = DemoLimits()):
+               limits: DemoLimits = DemoLimits(), examples_dir: str | os.PathLike | None = None):
     """The Gradio app for a loaded model and processor (returns a `gr.Blocks`; serve it with `launch_app`, which
     applies `limits.max_file_size`). `title` defaults to `model_title(model)`; `max_new_tokens` limits chat answers;
-    `limits` bounds each request."""
+    `limits` bounds each request. The example images (`example_inputs`) are written to `examples_dir` (default: a
+    new temporary folder, which Gradio may serve files from)."""
     gr = import_gradio()
     title = title or model_title(model)
+    if examples_dir is None:
+        examples_dir = tempfile.mkdtemp(prefix="mllmseg-demo-examples-")
+        atexit.register(shutil.rmtree, examples_dir, ignore_errors=True)
+    seg_examples = example_inputs(examples_dir, max_expressions=min(3, limits.max_expressions))
     seg_tiling = getattr(model.config, "seg_tiling", "single") or "single"
     blocks_kwargs = {"title": title, "analytics_enabled": False}
 
@@ -242,6 +280,9 @@ def build_demo(model, processor, title: str | None = None, max_new_tokens: int =
                     table = gr.Dataframe(headers=TABLE_HEADERS, label="Results", interactive=False,
                                          elem_id="segment-table")
                     answer_text = gr.Textbox(label="Model answer", interactive=False, elem_id="segment-answer")
+            # Not cached: clicking one fills the inputs; the model runs when Segment is pressed.
+            gr.Examples([list(e) for e in seg_examples], [seg_image, expressions], label="Examples (synthetic shapes)",
+                        cache_examples=False, elem_id="segment-examples")
             seg_button.click(on_segment, [seg_image, expressions, tiling, threshold], [overlay, table, answer_text])
             expressions.submit(on_segment, [seg_image, expressions, tiling, threshold], [overlay, table, answer_text])
         with gr.Tab("Chat", elem_id="chat-tab"):
@@ -259,6 +300,8 @@ def build_demo(model, processor, title: str | None = None, max_new_tokens: int =
                     with gr.Row():
                         send = gr.Button("Send", variant="primary", elem_id="chat-send")
                         clear = gr.Button("Clear", elem_id="chat-clear")
+            gr.Examples([list(e) for e in chat_examples(seg_examples)], [chat_image, question], label="Examples",
+                        cache_examples=False, elem_id="chat-examples")
             send.click(on_chat, [chat_image, question, history, chatbot], [question, history, chatbot])
             question.submit(on_chat, [chat_image, question, history, chatbot], [question, history, chatbot])
             clear.click(on_clear, None, [chatbot, history])
@@ -288,11 +331,12 @@ def launch_app(demo, host: str = "127.0.0.1", port: int | None = None, limits: D
 
 def launch_demo(model_path: str, host: str = "127.0.0.1", port: int | None = None, dtype: str = "auto",
                 cpu: bool = False, block: bool = True, max_new_tokens: int = 128,
-                limits: DemoLimits = DemoLimits()):
-    """Load `model_path` and serve the demo on http://host:port (loopback by default, never a share link)."""
+                limits: DemoLimits = DemoLimits(), device: str | None = None):
+    """Load `model_path` and serve the demo on http://host:port (loopback by default, never a share link).
+    `device`: a torch device string (default: the GPU when there is one, unless `cpu`)."""
     from .loading import load_model
 
-    model, processor = load_model(model_path, dtype, cpu)
+    model, processor = load_model(model_path, dtype, cpu, device=device)
     demo = build_demo(model, processor, title=model_title(model, model_path), max_new_tokens=max_new_tokens,
                       limits=limits)
     local_url = launch_app(demo, host, port, limits)
@@ -302,5 +346,5 @@ def launch_demo(model_path: str, host: str = "127.0.0.1", port: int | None = Non
     return demo
 
 
-__all__ = ["DEFAULT_MODEL", "DemoLimits", "build_demo", "launch_app", "launch_demo", "segment_image", "chat_turn",
-           "open_image", "segment_compact", "model_title", "model_summary", "split_expressions", "import_gradio"]
+__all__ = ["DEFAULT_MODEL", "DemoLimits", "build_demo", "example_inputs", "chat_examples", "launch_app", "launch_demo",
+           "segment_image", "chat_turn", "open_image", "segment_compact", "model_title", "model_summary", "split_expressions", "import_gradio"]

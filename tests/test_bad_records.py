@@ -150,7 +150,7 @@ def test_skip_drops_exactly_the_bad_records_and_counts_them(tmp_path, mini):
     orphan = _copy(instances["annotations"][0])
     del orphan["id"]
     instances["annotations"].append(orphan)  # an annotation record no ref can use
-    root = _write(tmp_path, refs, instances)
+    root = _write(tmp_path, refs, instances, images=True)
 
     with pytest.raises(BadRecordError):
         ReferDataset(root, "refcocog")  # the default stops at the first bad record
@@ -195,10 +195,10 @@ def test_hub_rows_are_checked_up_front_and_can_be_skipped(mini):
     hub = datasets.Dataset.from_list(rows)
 
     with pytest.raises(BadRecordError) as err:
-        HubRefCOCODataset(hub, source="my/refcoco")
+        HubRefCOCODataset(hub, source="my/refcoco")  # rows are checked before image files
     assert str(err.value).startswith(f"my/refcoco: row 2 (ref_id {rows[2]['ref_id']}): raw_image_info: ")
     assert "'height'" in str(err.value)
-    ds = HubRefCOCODataset(hub, source="my/refcoco", on_bad_record="skip")
+    ds = HubRefCOCODataset(hub, source="my/refcoco", on_bad_record="skip", check_images=False)
     assert len(ds) == 12 and len(ds.skipped) == 3
     assert "row 6" in ds.skipped[1] and "raw_anns" in ds.skipped[1] and "not valid JSON" in ds.skipped[1]
     assert "row 11" in ds.skipped[2] and "segmentation" in ds.skipped[2] and "far outside" in ds.skipped[2]

@@ -46,10 +46,10 @@ def test_card_metadata_and_model_index():
     assert data.datasets == ["jxu124/refcoco", "jxu124/refcocoplus"]  # what it was trained on, not evaluated on
     assert "custom_code" in data.tags
     results = {(r.dataset_type, r.metric_type): r for r in data.eval_results}
-    assert results[("jxu124/refcocog", "ciou")].metric_value == 79.9
-    assert results[("jxu124/refcocog", "giou_per_expression")].metric_value == 81.23
-    assert results[("jxu124/refcocog", "giou_per_image")].metric_value == 80.5
-    assert results[("grefcoco", "n_acc")].metric_value == 73.2
+    assert results[("jxu124/refcocog", "ciou")].metric_value == 0.799
+    assert results[("jxu124/refcocog", "giou_per_expression")].metric_value == 0.812
+    assert results[("jxu124/refcocog", "giou_per_image")].metric_value == 0.805
+    assert results[("grefcoco", "n_acc")].metric_value == 0.732
     assert ("jxu124/refcocog", "n_acc") not in results  # None metrics are left out
     assert all(r.task_type == "image-segmentation" and r.dataset_split == "val" for r in data.eval_results)
     assert data.model_name == "MLLMSeg-InternVL2.5-8B"
@@ -68,7 +68,8 @@ def test_card_body_sections():
     assert "datasets" not in text.split("---")[1]  # evaluation sets are not training data
     assert "## Limitations" in text
     assert "arXiv:2508.04107" in text and "Light-weight Mask Decoder" in text
-    assert "| RefCOCOg | val | fast | 79.90 | 81.23 | 80.50 | 90.00 | – | – | 28 |" in text
+    assert "| RefCOCOg | val | fast | 0.799 | 0.812 | 0.805 | 0.900 | – | – | 28 |" in text
+    assert "Metrics are fractions in [0, 1]" in text
     assert "Base model | not recorded" in text and "base_model" not in text.split("---")[1]
 
 
@@ -87,7 +88,7 @@ def test_metrics_table_labels_both_giou_conventions():
     table = metrics_table([RES, GRES])
     header = table.splitlines()[0]
     assert "gIoU (mean over expressions, LISA)" in header and "gIoU (mean over images, MLLMSeg ref.)" in header
-    assert "| gRefCOCO | val | generate | 71.60 | 75.10 | 74.00 | – | 73.20 | 95.00 | 40 |" in table
+    assert "| gRefCOCO | val | generate | 0.716 | 0.751 | 0.740 | – | 0.732 | 0.950 | 40 |" in table
     assert "No evaluation results" in metrics_table([])
 
 

@@ -123,3 +123,8 @@ def test_good_arguments_still_chat(setup):
     answers = model.batch_chat(proc, tiles(3), ["What is it?", "And this?"], GEN, num_patches_list=(2, 1))
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     assert isinstance(model.chat(proc, None, "Hello", GEN), str)
+    # The image processor's own `num_tiles` (a 1-D integer tensor) is a valid num_patches_list; a float one is not.
+    assert model.batch_chat(proc, tiles(3), ["What is it?", "And this?"], GEN,
+                            num_patches_list=torch.tensor([2, 1])) == answers
+    with pytest.raises(TypeError, match=r"num_patches_list must be a list of tile counts, one per image, got Tensor"):
+        model.batch_chat(proc, tiles(3), ["What is it?", "And this?"], GEN, num_patches_list=torch.tensor([2.0, 1.0]))

@@ -133,8 +133,11 @@ def finish(started) -> dict:
 
 # --help and the user errors of every command in one process, calling the `main` of `python -m mllmseg` once per
 # case, each case's output and exit code recorded apart.
+# Runs `main(argv)` for each case (argv lists as JSON in argv[1]) in one process, in order, and prints one JSON list:
+# each case's exit code, stdout, stderr and torch's thread counts after it (for --threads). Shared by the CLI tests.
 DRIVER = """
 import contextlib, io, json, sys
+import torch
 from mllmseg.cli import main
 records = []
 for argv in json.loads(sys.argv[1]):
@@ -144,7 +147,8 @@ for argv in json.loads(sys.argv[1]):
             code = main(argv)
         except SystemExit as exit:  # argparse: --help and usage errors
             code = exit.code
-    records.append({"argv": argv, "code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+    records.append({"argv": argv, "code": code, "stdout": out.getvalue(), "stderr": err.getvalue(),
+                    "threads": torch.get_num_threads(), "interop": torch.get_num_interop_threads()})
 print(json.dumps(records))
 """
 

@@ -205,7 +205,9 @@ def test_missing_folder_and_files_name_the_path(tmp_path, mini):
 
 def test_missing_image_names_its_path(tmp_path, mini):
     _write_layout(tmp_path, "refcocog", mini["refs"], mini["instances"])
-    sample = ReferDataset(tmp_path, "refcocog")[0]  # building the sample needs no image
+    with pytest.raises(FileNotFoundError, match="15 of 15 image files not found"):
+        ReferDataset(tmp_path, "refcocog")  # checked at construction (tests/test_data_layouts.py has the details)
+    sample = ReferDataset(tmp_path, "refcocog", check_images=False)[0]  # building the sample needs no image
     with pytest.raises(FileNotFoundError) as err:
         sample.image
     assert str(tmp_path / COCO_NAME.format(sample.image_id)) in str(err.value)
@@ -226,7 +228,7 @@ def test_malformed_records_are_reported_with_their_ids(tmp_path, mini):
     with pytest.raises(ValueError, match=rf"ref_id {bad['ref_id']}.*ann_id 123456789 not in"):
         ReferDataset(tmp_path / "b", "refcocog")
     # only the selected split is validated: loading train never looks at the bad val ref
-    assert len(ReferDataset(tmp_path / "b", "refcocog", split="train")) == 5
+    assert len(ReferDataset(tmp_path / "b", "refcocog", split="train", check_images=False)) == 5
 
     instances = json.loads(json.dumps(mini["instances"]))
     target = next(a for a in instances["annotations"] if a["id"] == mini["refs"][0]["ann_id"])
@@ -275,7 +277,9 @@ def test_hub_adapter_matches_verification(tmp_path, mini):
     import datasets
 
     hub = datasets.Dataset.from_list(_hub_rows(mini))
-    ds = HubRefCOCODataset(hub, image_root=tmp_path)
+    with pytest.raises(FileNotFoundError, match="15 of 15 image files not found"):
+        HubRefCOCODataset(hub, image_root=tmp_path)  # checked at construction (details: tests/test_data_layouts.py)
+    ds = HubRefCOCODataset(hub, image_root=tmp_path, check_images=False)
     assert (len(ds), ds.num_rows, sum(len(s.referents) for s in ds)) == (15, 15, 28)
     for sample in ds:
         for referent in sample.referents:
@@ -285,7 +289,7 @@ def test_hub_adapter_matches_verification(tmp_path, mini):
             x, y, w, h = v["bbox_xywh"]
             assert referent.box == pytest.approx((x, y, x + w, y + h))
         assert sample.image_path == str(tmp_path / "coco/train2014/COCO_train2014_{:012d}.jpg".format(sample.image_id))
-    val = HubRefCOCODataset(hub, image_root=tmp_path, split="val")
+    val = HubRefCOCODataset(hub, image_root=tmp_path, split="val", check_images=False)
     assert len(val) == 5 and {s.split for s in val} == {"val"}
 
     sample = ds[0]
@@ -324,6 +328,10 @@ def test_recipe_hub_source_reads_a_saved_dataset(tmp_path, mini):
     from mllmseg.training.trainer import build_samples
 
     datasets.DatasetDict({"train": datasets.Dataset.from_list(_hub_rows(mini))}).save_to_disk(tmp_path / "hub")
+    for info in mini["instances"]["images"]:
+        path = tmp_path / "coco/train2014/COCO_train2014_{:012d}.jpg".format(info["id"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (info["width"], info["height"])).save(path)
     samples = build_samples([{"type": "hub", "path": str(tmp_path / "hub"), "hub_split": "train",
                               "image_root": str(tmp_path), "split": "val"}])
     assert len(samples) == 5 and {s.split for s in samples} == {"val"}

@@ -190,3 +190,48 @@ def test_cli_demo_limit_flags_are_checked_in_one_line(tmp_path, capsys):
         assert cli_main(["demo", str(model), *flags]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"mllmseg demo: error: {message}"], err
+
+
+def test_the_demo_offers_examples_that_load_and_segment(tiny, tmp_path, monkeypatch):
+    """The Segment tab's examples are synthetic scenes written at start (no download, nothing from tests/), with
+    expressions of those very scenes; the Chat tab has example questions; the server serves the example images."""
+    pytest.importorskip("gradio")
+    from mllmseg.data.synthetic import SyntheticReferringDataset
+    from mllmseg.demo import build_demo, launch_app, split_expressions
+    from mllmseg.training.recipes import synthetic_scene_kwargs
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    model, processor = tiny
+    demo = build_demo(model, processor, examples_dir=tmp_path / "examples")
+    try:
+        components = _gradio_components(demo)
+        segment, chat = components["segment-examples"], components["chat-examples"]
+        assert [type(c).__name__ for c in segment._components] == ["Image", "Textbox"]
+        assert [type(c).__name__ for c in chat._components] == ["Image", "Textbox"]
+        scenes = SyntheticReferringDataset(
+            3, seed=0, split="demo", **{**synthetic_scene_kwargs("tiny"), "image_size": (336, 336)})
+        raw = segment.raw_samples
+        assert len(raw) == 3 and len(segment.samples) == 3
+        categories = set()
+        for k, (path, text) in enumerate(raw):
+            assert path == str(tmp_path / "examples" / f"shapes_{k}.png")
+            image = load_image(path)
+            assert np.array_equal(np.asarray(image), np.asarray(scenes[k].image))  # the scene, losslessly
+            expressions = split_expressions(text)
+            assert expressions == [r.text for r in scenes[k].referents][:3]
+            categories |= {r.category for r in scenes[k].referents[:3]}
+            overlay, rows, answer = segment_image(model, processor, path, text)
+            assert overlay.size[0] == 336 and [r[0] for r in rows] == expressions and isinstance(answer, str)
+        assert len(categories) >= 3 and "no_target" in categories  # the examples also show [REJ]
+        questions = [question for _, question in chat.raw_samples]
+        assert questions == ["What shapes are in this image?", f"Please segment {split_expressions(raw[0][1])[0]}."]
+        answer, _ = chat_turn(model, processor, chat.raw_samples[1][0], questions[1], None, max_new_tokens=4)
+        assert isinstance(answer, str)
+
+        url = launch_app(demo, port=None)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(url.rstrip("/") + segment.samples[1][0]["url"], timeout=60) as response:
+            served = Image.open(io.BytesIO(response.read()))
+            assert np.array_equal(np.asarray(served.convert("RGB")), np.asarray(scenes[1].image))
+    finally:
+        demo.close()

@@ -46,7 +46,7 @@ def _read(out, stem):
 def test_two_processes_match_one(checkpoint, tmp_path):
     args = ["--dataset", "synthetic", "--num-images", "4", "--batch-size", "2", "--predictions", "--seed", "0"]
     single, double = tmp_path / "single", tmp_path / "double"
-    _evaluate([sys.executable], checkpoint, single, *args)
+    _evaluate([sys.executable], checkpoint, single, *args, "--num-workers", "1")  # batches built in a worker process
     proc = _evaluate([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
                      checkpoint, double, *args)
     assert proc.stdout.count("results: ") == 1  # only the main process writes and reports
@@ -122,6 +122,8 @@ def test_refer_layout_refcocog(checkpoint, fixtures_dir, tmp_path):
 
 
 def test_user_errors_are_one_line(checkpoint, tmp_path, capsys):
+    assert main(["evaluate", str(checkpoint), "--dataset", "synthetic", "--num-workers", "-1"]) == 2
+    assert "--num-workers must be >= 0, got -1" in capsys.readouterr().err
     assert main(["evaluate", str(checkpoint), "--dataset", "refcoco"]) == 2
     assert "--data-root is required" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "missing"), "--dataset", "synthetic"]) == 2

@@ -4,12 +4,10 @@
   way runs the whole decoder per `[SEG]`.
 * masks from generation: `segment(mode="generate")` takes the `[SEG]` states recorded while generating; the plain
   (LISA-style) way re-runs a teacher-forced forward over prompt + answer.
-* shared prefix (benchmarks/bench_packed_expressions.py): one-expression conversations over one image prefill.
+* one LM-head call: fast mode's forward (`logits_to_keep=1`) runs the head once over the last positions and the
+  `[SEG]` slot rows together; logits and slot logits equal the full-logits forward's.
 * bfloat16 on CPU: the decoder's DySample upsampler gives finite values equal to float32's up to rounding.
 """
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -19,9 +17,6 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from mllmseg.remote_code.conversation_mllmseg import evaluation_prompt
 from mllmseg.remote_code.mask_decoder_mllmseg import DySampleUpsampler
 from mllmseg.tiny import build_processor, build_tiny_model
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 class ForceAnswer(LogitsProcessor):
     """Forces `ids` then EOS on every row, from the first generated token on."""
@@ -108,20 +103,33 @@ def test_generate_mode_equals_generate_then_reforward(setup):
         torch.testing.assert_close(result.probabilities, probs, atol=2e-4, rtol=1e-3)
 
 
-def test_shared_prefix_equals_separate_calls(setup):
+@pytest.mark.parametrize("keep", [1, 3, "positions"])
+def test_one_lm_head_call_gives_the_full_forwards_logits(setup, keep):
+    """Issue 21: the head's weight (vocab x T) is read once per forward, over the kept positions and the slot rows
+    together, and the split result equals the logits of a forward that keeps every position."""
     model, tok, proc = setup
-    sys.path.insert(0, str(BENCHMARKS))
+    images = [picture(300, 100, 1), picture(90, 120, 2)]
+    prompts = [proc.segmentation_prompt(e) for e in (["the red circle", "the square"], ["all shapes"])]
+    batch = proc(images=images, text=[q for q, _ in prompts], answers=[a for _, a in prompts], tiling="single")
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    b, length = batch["input_ids"].shape
+    kept = torch.tensor([0, 5, length - 1]) if keep == "positions" else torch.arange(length - keep, length)
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
     try:
-        from bench_packed_expressions import separate, shared_prefix
+        with torch.no_grad():
+            out = model(**inputs, logits_to_keep=kept if keep == "positions" else keep)
     finally:
-        sys.path.remove(str(BENCHMARKS))
-    img = picture(160, 120, 6)
-    exprs = ["the red circle", "a", "the small green triangle on the left"]
-    sep = separate(model, proc, img, exprs)
-    probs, masks, rejected = shared_prefix(model, proc, img, exprs)
-    torch.testing.assert_close(probs, torch.cat([r.probabilities for r in sep]), atol=1e-5, rtol=1e-4)
-    assert torch.equal(rejected, torch.cat([r.rejected for r in sep]))
-    assert torch.equal(masks, torch.cat([r.masks for r in sep]))
+        hook.remove()
+    assert rows == [b * len(kept) + 3]  # one call: the kept rows of both samples and the 3 slot rows
+    with torch.no_grad():
+        full = model(**inputs, logits_to_keep=0)
+    assert rows == [b * len(kept) + 3]  # the hook is gone
+    torch.testing.assert_close(out.logits, full.logits[:, kept], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.seg_logits, full.seg_logits, atol=1e-6, rtol=1e-6)
+    assert torch.equal(out.seg_sample, torch.tensor([0, 0, 1]))
+    for got, want in zip(out.pred_masks, full.pred_masks):
+        assert torch.equal(got, want)
 
 
 def test_dysample_bfloat16_on_channel_strided_input():

@@ -131,3 +131,32 @@ def test_reference_initialisation_is_xavier_uniform():
     weight = weight.detach()
     assert float(weight.abs().max()) <= bound + 1e-6
     assert abs(float(weight.std()) - bound / math.sqrt(3)) < 0.1 * bound  # uniform, not normal(0, 0.02)
+
+
+def test_one_key_cross_attention_is_its_value_projection_run_once():
+    """With one memory token (the [SEG] embedding) the softmax is identically 1: the block's cross-attention equals
+    torch's nn.MultiheadAttention with the same weights (float64, to 1e-6), while `out_proj` runs on one row per
+    sample instead of one per query; the parameters keep the reference layout (torch's decoder loads them strictly)."""
+    torch.manual_seed(0)
+    dim, heads, lq = 32, 4, 64
+    block = DSFFAttentionBlock(dim, heads, dim, dropout=0.1).double().eval()
+    for p in block.parameters():
+        nn.init.normal_(p, std=0.3)
+    layer = block.layers[0]
+    reference = nn.MultiheadAttention(dim, heads, dropout=0.1, batch_first=True).double().eval()
+    reference.load_state_dict(layer.multihead_attn.state_dict(), strict=True)
+    query, memory = torch.randn(3, lq, dim, dtype=torch.float64), torch.randn(3, 1, dim, dtype=torch.float64)
+    rows = []
+    hook = layer.multihead_attn.out_proj.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1]))
+    try:
+        with torch.no_grad():
+            got = layer._attention(layer.multihead_attn, query, memory)
+            expected, weights = reference(query, memory, memory)
+    finally:
+        hook.remove()
+    assert torch.equal(weights, torch.ones_like(weights))  # the single key takes all the weight
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert rows == [torch.Size([3, 1])]  # out_proj on one row per sample, not on the lq queries
+    torch_decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(dim, heads, dim, 0.1, "relu"), 1,
+                                          norm=nn.LayerNorm(dim))
+    assert list(block.state_dict()) == list(torch_decoder.state_dict())

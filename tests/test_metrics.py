@@ -237,3 +237,25 @@ def test_merge_across_processes_equals_single():
         ]
     )
     assert naive != pytest.approx(expected["gIoU_per_image"])
+
+
+def test_add_counts_equals_add_on_masks():
+    # What the evaluation loop counts on the model's device (I, U, |gt|, the predicted box) gives the state `add`
+    # gives from the masks, GRES decisions and boxes included; impossible counts are refused.
+    rng = np.random.default_rng(1)
+    from_masks, from_counts = ReferringMetrics(), ReferringMetrics()
+    for k in range(12):
+        gt = rng.random((9, 11)) > 0.6 if k % 4 else np.zeros((9, 11), bool)
+        pred = rng.random((9, 11)) > (0.5 if k % 5 else 1.0)  # k = 0, 5, 10: empty predictions
+        rejected = None if k < 4 else bool(k % 2)
+        box = xywh_to_xyxy([1, 2, 4, 3]) if k % 3 else None
+        from_masks.add(k // 3, gt, pred, gt_box=box, pred_rejected=rejected, no_target=not gt.any())
+        from_counts.add_counts(k // 3, int((gt & pred).sum()), int((gt | pred).sum()), gt_empty=not gt.any(),
+                               pred_box=box_from_mask(pred), gt_box=box, pred_rejected=rejected,
+                               no_target=not gt.any())
+    assert from_counts.state_dict() == from_masks.state_dict()
+    assert from_masks.compute()["n_no_target"] > 0 and from_masks.compute()["n_rec"] > 0
+    with pytest.raises(ValueError, match="need 0 <= inter <= union, got inter 5, union 3"):
+        from_counts.add_counts("x", 5, 3, gt_empty=False)
+    with pytest.raises(ValueError, match="gt_box given without pred_box"):
+        from_counts.add_counts("x", 1, 3, gt_empty=False, gt_box=[0, 0, 1, 1])

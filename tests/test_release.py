@@ -65,7 +65,7 @@ def test_dry_run_builds_and_verifies(dry_run, checkpoint):
     assert (out / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "model-index:" in card and "base_model: me/tiny-internvl-base" in card
-    assert "| RefCOCOg | val | fast | 79.90 |" in card
+    assert "| RefCOCOg | val | fast | 0.799 |" in card
     # datasets: means training data on the Hub; nothing recorded how this checkpoint was trained
     assert "datasets:" not in card.split("---")[1] and "No training record came with this release" in card
     assert "base model me/tiny-internvl-base: not a known InternVL release, its architecture was not checked" in proc.stdout

@@ -273,3 +273,51 @@ def test_warmup_longer_than_the_run_is_one_warning(tmp_path, caplog):
     build_trainer(load_recipe("tiny", FAST + ["training.max_steps=20", "training.warmup_steps=5",
                                               "training.save_strategy=no"]), output_dir=str(tmp_path / "b"))
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_fsdp_on_cpu_processes_is_refused_not_silently_ddp(tmp_path):
+    """accelerate enables FSDP only on accelerators: two gloo CPU processes asked for FSDP trained plain DDP (every
+    process holding the whole model) without a word. Now each process stops with one line saying so, before training."""
+    out = tmp_path / "fsdp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+           "-m", "mllmseg", "train", "tiny", "--output-dir", str(out), *FAST, "training.max_steps=2",
+           "training.fsdp=true"]
+    run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=200)
+    assert run.returncode != 0
+    lines = [line for line in run.stderr.splitlines() if line.startswith("mllmseg train: error: FSDP was requested")]
+    assert len(lines) == 2, run.stderr[-3000:]  # one per process
+    assert "multi_cpu with 2 process(es)" in lines[0].lower() and "silently train plain DDP" in lines[0]
+    assert not (out / "final").exists() and not list(out.glob("checkpoint-*"))
+
+
+def test_train_dataset_from_python_replaces_the_recipe_data(tmp_path):
+    """run_training(recipe, train_dataset=...) trains on the user's own samples (here rows of image + expression +
+    mask through ReferringRowsDataset) and the summary says so instead of the recipe's synthetic source."""
+    import numpy as np
+    from PIL import Image
+
+    from mllmseg.data.rows import ReferringRowsDataset
+
+    rows = []
+    for i in range(4):
+        image = np.zeros((56, 56, 3), np.uint8)
+        image[10 + i : 30 + i, 12:40] = (220, 30, 30)
+        mask = np.zeros((56, 56), np.uint8)
+        mask[10 + i : 30 + i, 12:40] = 1
+        rows.append({"image": Image.fromarray(image), "expression": "the red box", "mask": mask, "image_id": f"r{i}"})
+    recipe = load_recipe("tiny", FAST + ["training.max_steps=2", "training.save_strategy=no"])
+    seen = []
+
+    class Recording(ReferringRowsDataset):
+        def __getitem__(self, index):
+            seen.append(index)
+            return super().__getitem__(index)
+
+    data = Recording(rows)
+    result = run_training(recipe, output_dir=str(tmp_path / "run"), train_dataset=data)
+    assert result["global_step"] == 2 and seen  # the user's samples were read
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["recipe"]["data"]["train"] == [
+        {"type": "python", "description": "Recording of 4 samples passed as run_training(train_dataset=...)"}]
+    with pytest.raises(TypeError, match=r"train_dataset\[0\] must be a ReferringSample, got dict"):
+        build_trainer(recipe, output_dir=str(tmp_path / "bad"), train_dataset=rows)

@@ -41,7 +41,8 @@ TRANSFORMERS_IMPORTS = {
 
 def _transformers_imports() -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
-    for path in sorted(REMOTE_CODE.glob("*.py")):
+    # __init__.py is the installed package's (it registers the auto classes) and does not travel in checkpoints.
+    for path in sorted(p for p in REMOTE_CODE.glob("*.py") if p.name != "__init__.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "transformers":
                 found.setdefault(node.module, set()).update(alias.name for alias in node.names)

@@ -8,6 +8,8 @@ EXIT_WORDS = ("exit", "quit")
 
 
 def register(subparsers) -> None:
+    from ..loading import DTYPES, add_runtime_arguments
+
     parser = subparsers.add_parser(
         "chat",
         help="chat about an image (questions from stdin, one per line; history kept)",
@@ -16,14 +18,15 @@ def register(subparsers) -> None:
         "interactively and with piped input (echo 'Describe the image.' | mllmseg chat MODEL photo.png). Answers keep "
         "[SEG] / [REJ] tokens.",
     )
-    parser.add_argument("model", metavar="MODEL", help="checkpoint folder (or Hub id, if reachable)")
+    parser.add_argument("model", metavar="MODEL", help="checkpoint folder, LoRA adapter folder (<run>/final of a LoRA "
+                        "run) or Hub id, if reachable")
     parser.add_argument("image", metavar="IMAGE", help="image file (PNG, JPEG, ...) or http(s) URL (fetched unless "
                         "HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set)")
     parser.add_argument("--tiling", choices=("single", "dynamic"), default="dynamic",
                         help="image tiling (default: dynamic, as InternVL chat)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: the checkpoint's)")
+    add_runtime_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -44,16 +47,17 @@ def questions(stream, interactive: bool):
 
 
 def run(args) -> int:
-    from ..loading import check_model_path, load_model, read_image
+    from ..loading import apply_runtime_arguments, check_model_path, load_model, read_image
 
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
     check_model_path(args.model)
     image = read_image(args.image)
+    device = apply_runtime_arguments(args)
 
     import torch
 
-    model, processor = load_model(args.model, args.dtype, args.cpu)
+    model, processor = load_model(args.model, args.dtype, device=device)
     pixel_values = processor.image_processor(image, tiling=args.tiling)["pixel_values"].to(model.device, model.dtype)
     generation_config = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
     interactive = sys.stdin.isatty()

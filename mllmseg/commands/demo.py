@@ -5,6 +5,8 @@ from ..demo import DemoLimits  # light: gradio is imported only when a demo is b
 
 
 def register(subparsers) -> None:
+    from ..loading import DTYPES, add_runtime_arguments
+
     parser = subparsers.add_parser(
         "demo",
         help="web demo (Gradio): segment expressions and chat about an image in the browser",
@@ -14,15 +16,15 @@ def register(subparsers) -> None:
         epilog="example: mllmseg demo mllmseg-quickstart/run/final --port 7860",
     )
     parser.add_argument("model", metavar="MODEL", nargs="?",
-                        help="checkpoint folder or Hub id (default: ./mllmseg-quickstart/run/final, made by "
+                        help="checkpoint folder, LoRA adapter folder or Hub id (default: ./mllmseg-quickstart/run/final, made by "
                         "`bash dev.sh quickstart`)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 exposes it to the "
                         "network)")
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="chat answer length limit (default 128)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: the checkpoint's)")
+    add_runtime_arguments(parser)
     defaults = DemoLimits()
     parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
                         help=f"largest image in pixels, checked before decoding (default {defaults.max_pixels})")
@@ -36,7 +38,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from ..cli import CommandError
     from ..demo import DEFAULT_MODEL, import_gradio, launch_demo
-    from ..loading import check_model_path
+    from ..loading import apply_runtime_arguments, check_model_path
 
     model = args.model
     if model is None:
@@ -54,6 +56,7 @@ def run(args) -> int:
     for flag, value in (("--max-pixels", args.max_pixels), ("--max-expressions", args.max_expressions)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    device = apply_runtime_arguments(args)
     limits = DemoLimits(max_pixels=args.max_pixels, max_expressions=args.max_expressions,
                         max_file_size=int(args.max_file_size * 2**20))
     try:
@@ -61,6 +64,6 @@ def run(args) -> int:
     except ImportError as error:
         raise CommandError(str(error)) from None
     print(f"loading {model} ...", flush=True)
-    launch_demo(model, host=args.host, port=args.port, dtype=args.dtype, cpu=args.cpu, block=True,
+    launch_demo(model, host=args.host, port=args.port, dtype=args.dtype, device=device, block=True,
                 max_new_tokens=args.max_new_tokens, limits=limits)
     return 0

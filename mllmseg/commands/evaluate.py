@@ -11,6 +11,8 @@ SKIPPED_EXAMPLES = 20  # messages of skipped records kept in the results JSON (t
 
 
 def register(subparsers) -> None:
+    from ..loading import DTYPES, add_runtime_arguments
+
     parser = subparsers.add_parser(
         "evaluate",
         help="evaluate a checkpoint (cIoU, both gIoU conventions, Prec@0.5, N-acc/T-acc)",
@@ -19,20 +21,28 @@ def register(subparsers) -> None:
         "`torchrun --nproc_per_node N -m mllmseg evaluate ...` (GPUs or CPU, gloo); results are written by the main "
         "process only and equal a single-process run.",
     )
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint folder (or Hub id, if reachable)")
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint folder, LoRA adapter folder (<run>/final "
+                        "of a LoRA run) or Hub id, if reachable")
     parser.add_argument("--dataset", required=True, choices=DATASETS)
     parser.add_argument("--data-root", help="folder with <dataset>/refs(...).p|json and instances.json")
     parser.add_argument("--image-root", help="folder the image paths are relative to (default: --data-root)")
+    parser.add_argument("--image-template", help="image path under --image-root, with {image_id} / {file_name} "
+                        "(default: images/mscoco/images/train2014/COCO_train2014_{image_id:012d}.jpg; RefCLEF: "
+                        "images/saiapr_tc-12/{file_name})")
     parser.add_argument("--split", help="split to evaluate (default: val; synthetic: validation)")
     parser.add_argument("--split-by", help="annotation partition (unc, umd, google, berkeley); default per dataset")
-    parser.add_argument("--mode", choices=("fast", "generate"), default="fast",
-                        help="fast: teacher-forced (paper protocol); generate: free decoding")
+    parser.add_argument("--mode", choices=("fast", "per_expression", "generate"), default="fast",
+                        help="fast: teacher-forced (paper protocol); per_expression: each expression in its own "
+                        "conversation (model.segment's loop, no loader workers); generate: free decoding")
     parser.add_argument("--limit", type=int, help="evaluate the first N samples (images) only")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-workers", type=int, help="DataLoader workers per process preparing batches (images, "
+                        "ground truth, tiling) while the model runs; 0: in the main process (default: up to 4, one "
+                        "CPU left to each process)")
     parser.add_argument("--tiling", choices=("single", "dynamic"), help="default: the checkpoint's seg_tiling")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--output-dir", default="eval_results", help="where results go (default: ./eval_results)")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
+    add_runtime_arguments(parser)
     parser.add_argument("--predictions", action="store_true", help="also write per-expression predictions (JSONL, RLE)")
     parser.add_argument("--num-images", type=int, default=16, help="synthetic: number of images")
     parser.add_argument("--seed", type=int, default=0, help="synthetic: seed")
@@ -62,10 +72,10 @@ def build_dataset(args):
     on_bad_record = "skip" if args.skip_bad_records else "error"
     if args.dataset == "grefcoco":
         kwargs = {"split_by": args.split_by} if args.split_by else {}
-        return GRefCOCODataset(args.data_root, split=split, image_root=args.image_root, on_bad_record=on_bad_record,
-                               **kwargs), split
-    return ReferDataset(args.data_root, args.dataset, split_by=args.split_by, split=split,
-                        image_root=args.image_root, on_bad_record=on_bad_record), split
+        return GRefCOCODataset(args.data_root, split=split, image_root=args.image_root,
+                               image_template=args.image_template, on_bad_record=on_bad_record, **kwargs), split
+    return ReferDataset(args.data_root, args.dataset, split_by=args.split_by, split=split, image_root=args.image_root,
+                        image_template=args.image_template, on_bad_record=on_bad_record), split
 
 
 def output_stem(dataset: str, split: str, mode: str) -> str:
@@ -77,10 +87,15 @@ def run(args) -> int:
         raise ValueError("--limit must be >= 1")
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    from ..loading import apply_runtime_arguments, check_model_path
+
     model_dir = Path(args.model_dir)
     if not model_dir.exists() and not (args.model_dir.count("/") == 1 and not args.model_dir.startswith((".", "/"))):
         raise FileNotFoundError(f"model folder not found: {model_dir}")
-    dataset, split = build_dataset(args)
+    dataset, split = build_dataset(args)  # the data first: a bad annotation file is named before the model is read
+    check_model_path(args.model_dir)  # a checkpoint, or a LoRA adapter folder whose base is there
     skipped = getattr(dataset, "skipped", [])
     if len(dataset) == 0:
         raise ValueError(f"{args.dataset} split {split!r} has no samples")
@@ -92,17 +107,19 @@ def run(args) -> int:
     from ..hub.cards import METRICS, METRICS_NOTES, metrics_table
     from ..loading import load_model
 
+    device = apply_runtime_arguments(args)
     # accelerate only sets up a CPU process group (gloo) when asked for the CPU: do so when there is no accelerator,
     # so `torchrun --nproc_per_node N -m mllmseg evaluate ...` is data-parallel on a CPU-only machine too.
-    accelerator = Accelerator(cpu=args.cpu or not _has_accelerator(torch))
+    accelerator = Accelerator(cpu=device == "cpu" or not _has_accelerator(torch))
     if skipped and accelerator.is_main_process:
         print(f"skipped {len(skipped)} bad records (--skip-bad-records); the first: {skipped[0]}", file=sys.stderr)
-    model, processor = load_model(args.model_dir, args.dtype, device=accelerator.device)
+    model, processor = load_model(args.model_dir, args.dtype, device=evaluation_device(args.device, device,
+                                                                                       accelerator))
     start = time.perf_counter()
     with torch.inference_mode():
         out = evaluate_dataset(model, processor, dataset, mode=args.mode, limit=args.limit,
                                batch_size=args.batch_size, tiling=args.tiling, accelerator=accelerator,
-                               return_predictions=args.predictions)
+                               return_predictions=args.predictions, num_workers=args.num_workers)
     elapsed = time.perf_counter() - start
 
     if accelerator.is_main_process:
@@ -144,6 +161,17 @@ def run(args) -> int:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+
+def evaluation_device(requested: str, resolved: str, accelerator):
+    """The model's device: the accelerator's (one GPU per process) unless one device was named for a
+    single-process run; naming one GPU for several processes is refused (they would all share it)."""
+    if ":" not in resolved:  # auto, cpu, cuda, mps: what accelerate picked for this process
+        return accelerator.device
+    if accelerator.num_processes > 1:
+        raise ValueError(f"--device {requested} names one device, but this run has {accelerator.num_processes} "
+                         "processes (each gets its own from accelerate); use --device cuda or auto")
+    return resolved
 
 
 def _has_accelerator(torch) -> bool:

@@ -9,6 +9,8 @@ import argparse
 
 
 def register(subparsers) -> None:
+    from ..loading import DTYPES
+
     parser = subparsers.add_parser(
         "train",
         help="train from a recipe (built-in name or YAML path), with key=value overrides",
@@ -33,11 +35,16 @@ def register(subparsers) -> None:
         "merge-lora",
         help="merge a LoRA adapter into its base model: a plain remote-code checkpoint",
         description="Merge ADAPTER_DIR (a `mllmseg train` LoRA output, e.g. <run>/final or <run>/checkpoint-N) into "
-        "its base model and write model + processor to OUT_DIR.",
+        "its base model and write model + processor to OUT_DIR. The base is the adapter config's "
+        "base_model_name_or_path: a folder (absolute, or relative to ADAPTER_DIR, as `mllmseg train` stores a base "
+        "inside the run folder) or a Hub id.",
+        epilog="example: mllmseg merge-lora runs/res/final runs/res/merged --dtype bfloat16",
     )
-    merge.add_argument("adapter_dir")
-    merge.add_argument("out_dir")
+    merge.add_argument("adapter_dir", metavar="ADAPTER_DIR")
+    merge.add_argument("out_dir", metavar="OUT_DIR")
     merge.add_argument("--base", default=None, help="base model folder (default: the adapter config's)")
+    merge.add_argument("--dtype", choices=DTYPES, default="auto",
+                       help="dtype of the merged weights (default auto: the base checkpoint's)")
     merge.set_defaults(func=run_merge)
 
 
@@ -76,6 +83,6 @@ def run_train(args) -> int:
 def run_merge(args) -> int:
     from ..training.merge import merge_adapter_checkpoint
 
-    out = merge_adapter_checkpoint(args.adapter_dir, args.out_dir, base=args.base)
-    print(f"merged {args.adapter_dir} into {out}")
+    out = merge_adapter_checkpoint(args.adapter_dir, args.out_dir, base=args.base, dtype=args.dtype)
+    print(f"merged {args.adapter_dir} into {out} ({args.dtype if args.dtype != 'auto' else 'the base dtype'})")
     return 0

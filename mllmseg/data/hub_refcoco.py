@@ -26,9 +26,9 @@ dataset. The Hub rows hold no pixels: images come from ``image_root / image_path
 Rows are grouped by image into :class:`~mllmseg.data.records.ReferringSample` s with one
 :class:`~mllmseg.data.records.Referent` per sentence, as the ``refer`` loaders do. Every kept row is checked when the
 adapter is built (JSON columns, image size, boxes, polygon / RLE geometry, sentences), so bad data fails before a
-long run starts with a `BadRecordError` naming the dataset, the row and the field (or, with
-``on_bad_record="skip"``, is left out and listed in ``skipped``); masks are decoded (with the same rasterisation)
-only when a sample is accessed.
+long run starts with a `BadRecordError` naming the dataset, the row and the field, and every image file
+(``image_root / image_path``) is checked to exist (or, with ``on_bad_record="skip"``, the row is left out and listed in
+``skipped``); masks are decoded (with the same rasterisation) only when a sample is accessed.
 """
 from __future__ import annotations
 
@@ -49,6 +49,8 @@ from .records import (
     check_bbox,
     check_on_bad_record,
     image_size,
+    missing_files,
+    missing_images_message,
     sample_index,
     union_box,
     xywh_to_xyxy,
@@ -70,11 +72,16 @@ class HubRefCOCODataset:
         on_bad_record: ``"error"`` (default): stop at the first bad row; ``"skip"``: leave bad rows out and list
             their messages in ``self.skipped``.
         source: how messages name the dataset (default: its cache file, or its name).
+        check_images: check at construction that the image file of every kept row exists (one ``stat`` per image;
+            not done for rows read from an ``image`` column); missing files count as bad records. ``False`` leaves
+            that to ``sample.image``.
 
     Raises:
         ValueError: a required column is missing.
         BadRecordError: a malformed row (at construction; names the dataset, the row, its ref_id and the field).
-        FileNotFoundError: an image file is missing (when ``sample.image`` is read; names the path).
+        FileNotFoundError: image files are missing (at construction: how many, the first few paths, the image root
+            and, when a common other layout holds them, where; with ``check_images=False``, when ``sample.image``
+            is read).
     """
 
     def __init__(
@@ -85,6 +92,7 @@ class HubRefCOCODataset:
         text_key: str = "sent",
         on_bad_record: str = "error",
         source: Optional[str] = None,
+        check_images: bool = True,
     ):
         self.on_bad_record = check_on_bad_record(on_bad_record)
         self.skipped: List[str] = []
@@ -103,21 +111,49 @@ class HubRefCOCODataset:
 
         wanted = None if split is None else ({split} if isinstance(split, str) else set(split))
         self._by_image: Dict[Any, List[int]] = {}
-        columns = [c for c in (*REQUIRED_COLUMNS, "ann_id", "bbox") if c in self._rows.column_names]
+        self._paths: Dict[Any, Path] = {}  # image_id -> image file (from its first kept row); none with an image column
+        columns = [c for c in (*REQUIRED_COLUMNS, "ann_id", "bbox", "image_path") if c in self._rows.column_names]
         row = 0
         for batch in self._rows.select_columns(columns).iter(batch_size=1000):
             for values in zip(*(batch[c] for c in columns)):
                 record = dict(zip(columns, values))
                 if wanted is None or record["split"] in wanted:
                     try:
-                        self._check_row(record, row)
+                        info = self._check_row(record, row)
+                        if not self._has_image_column and record["image_id"] not in self._paths:
+                            self._paths[record["image_id"]] = self._image_path(record, info, self._where(row, record))
                         self._by_image.setdefault(record["image_id"], []).append(row)
                     except BadRecordError as error:
-                        if self.on_bad_record == "error":
-                            raise
-                        self.skipped.append(str(error))
+                        self._bad_record(error)
                 row += 1
+        if check_images and not self._has_image_column:
+            self._drop_missing_images()
         self.image_ids: List[Any] = list(self._by_image)
+
+    def _bad_record(self, error: BadRecordError) -> None:
+        """Stop (``on_bad_record="error"``) or note the record as skipped."""
+        if self.on_bad_record == "error":
+            raise error
+        self.skipped.append(str(error))
+
+    def _drop_missing_images(self) -> None:
+        """Leave out the images whose file is missing: one message for all of them (``on_bad_record="error"``), or
+        each of their rows noted as skipped (the first note carries the summary)."""
+        missing = missing_files(self._paths.values())
+        if not missing:
+            return
+        root = self.image_root if self.image_root is not None else Path(".")
+        summary = missing_images_message(self.source, missing, len(self._paths), root)
+        if self.on_bad_record == "error":
+            raise FileNotFoundError(summary)
+        missing_set = set(missing)
+        for image_id, path in list(self._paths.items()):
+            if path in missing_set:
+                for row in self._by_image.pop(image_id):
+                    self.skipped.append(f"{self.source}: row {row}: image file not found: {path}"
+                                        + (f" ({summary})" if summary else ""))
+                    summary = ""
+                del self._paths[image_id]
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -152,16 +188,18 @@ class HubRefCOCODataset:
         if self._has_image_column:
             path, loader = None, partial(_image_from_row, self._images, rows[0], image_id)
         else:
-            path = self._image_path(records[0], info)
+            path = self._paths[image_id]
             loader = partial(_open_image, path, height, width)
         return ReferringSample(image_id=image_id, height=height, width=width, referents=referents,
                                image_loader=loader, image_path=None if path is None else str(path),
                                split=splits.pop() if len(splits) == 1 else None)
 
-    def _image_path(self, record: dict, info: dict) -> Path:
+    def _image_path(self, record: dict, info: dict, where: str) -> Path:
+        """The row's image file: ``image_root / image_path`` (``raw_image_info``'s ``file_name`` when ``image_path``
+        is empty or absent)."""
         relative = record.get("image_path") or info.get("file_name")
-        if not relative:
-            raise ValueError(f"ref_id {record['ref_id']}: neither image_path nor raw_image_info.file_name names the image")
+        if not isinstance(relative, str) or not relative:
+            raise BadRecordError(f"{where}: neither image_path nor raw_image_info.file_name names the image")
         return self.image_root / relative if self.image_root is not None else Path(relative)
 
     def _where(self, row: int, record: dict) -> str:
@@ -175,12 +213,13 @@ class HubRefCOCODataset:
             raise ValueError(f"sentence {sentence!r} has no {self.text_key!r} text")
         return text
 
-    def _check_row(self, record: dict, row: int) -> None:
-        """`BadRecordError` naming the row and the field unless the row can become referents (nothing is
-        rasterised: polygons and RLE are checked with `validate_segmentation`)."""
+    def _check_row(self, record: dict, row: int) -> dict:
+        """The row's image record (``raw_image_info``), or `BadRecordError` naming the row and the field unless the
+        row can become referents (nothing is rasterised: polygons and RLE are checked with `validate_segmentation`)."""
         where = self._where(row, record)
         try:
-            height, width = image_size(_parse_json(record, "raw_image_info", where))
+            info = _parse_json(record, "raw_image_info", where)
+            height, width = image_size(info)
         except ValueError as e:
             raise BadRecordError(f"{where}: raw_image_info: {e}") from None
         self._annotations(record, height, width, where)
@@ -192,6 +231,7 @@ class HubRefCOCODataset:
                 self._text(sentence)
             except ValueError as e:
                 raise BadRecordError(f"{where}: sentences: {e}") from None
+        return info
 
     def _annotations(self, record: dict, height: int, width: int, where: str) -> tuple:
         """The row's COCO annotations (validated) and its box: ``(anns, xyxy box or None)``; no annotation means

@@ -5,7 +5,11 @@ Layout (the one of the ``refer`` toolkit)::
     <data_root>/<dataset>/refs(<split_by>).p        pickled list of refs (a .json with the same list is accepted)
     <data_root>/<dataset>/instances.json            COCO: images, annotations (bbox [x, y, w, h], polygons or RLE)
     <data_root>/grefcoco/grefs(unc).json            gRefCOCO: ann_id / category_id are lists, no-target = [-1]
-    <image_root>/images/mscoco/images/train2014/COCO_train2014_<image_id:012d>.jpg
+    <image_root>/images/mscoco/images/train2014/COCO_train2014_<image_id:012d>.jpg    (image_root: default data_root)
+    <image_root>/images/saiapr_tc-12/<file_name of instances.json>                   RefCLEF
+
+``image_template`` changes the image path under ``image_root`` (e.g. ``train2014/COCO_train2014_{image_id:012d}.jpg``
+for a plain COCO download).
 
 A ref is ``{ref_id, ann_id, image_id, category_id, split, sentences: [{raw, sent, tokens, sent_id}]}``.
 The image path is built from ``image_id``: the ref's ``file_name`` carries an ``_<ann_id>`` suffix and names
@@ -15,9 +19,12 @@ Samples are grouped by image: one :class:`~mllmseg.data.records.ReferringSample`
 :class:`~mllmseg.data.records.Referent` per sentence (the evaluation unit). Indexing, ids and splits are
 read at construction, and every record used is validated then (missing keys, unknown ``ann_id`` / ``image_id``,
 image sizes, boxes, polygon / RLE geometry), so bad data fails before a long run starts, with a `BadRecordError`
-naming the file, the record and the field; with ``on_bad_record="skip"`` bad records are left out instead and listed
-in ``dataset.skipped``. Masks are decoded only when a sample is accessed and the image is read only when
-``sample.image`` is.
+naming the file, the record and the field; every image file the kept refs use is checked to exist (one ``stat`` each),
+and missing ones fail with one `FileNotFoundError` that counts them, names the first few, the layout expected and, when
+a common other layout (e.g. a plain ``<root>/train2014/``) holds them, the ``image_root`` / ``image_template`` to pass.
+With ``on_bad_record="skip"`` bad records (and refs whose image is missing) are left out instead and listed in
+``dataset.skipped``. Masks are decoded only when a sample is accessed and the image is read only when ``sample.image``
+is.
 """
 from __future__ import annotations
 
@@ -40,6 +47,8 @@ from .records import (
     check_bbox,
     check_on_bad_record,
     image_size,
+    missing_files,
+    missing_images_message,
     sample_index,
     union_box,
     xywh_to_xyxy,
@@ -94,6 +103,16 @@ class _RefsUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refs pickle asks for {module}.{name}; only plain containers are allowed")
 
 
+def check_image_template(template: str) -> str:
+    """``template`` if it formats with ``image_id`` (an int) and ``file_name`` alone, else a `ValueError` naming it."""
+    try:
+        template.format(image_id=0, file_name="x.jpg")
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        raise ValueError(f"image_template {template!r} does not format with {{image_id}} and {{file_name}}: "
+                         f"{type(e).__name__}: {e}") from None
+    return template
+
+
 def read_json_file(path: Path):
     """A JSON file's content; a syntax error names the file, line and column."""
     with open(path, "r", encoding="utf-8") as f:
@@ -146,9 +165,14 @@ class ReferDataset:
             reference evaluates; ``"raw"``: original text). Falls back to the other one when absent.
         on_bad_record: ``"error"`` (default): stop at the first bad record; ``"skip"``: leave bad records out (a bad
             image or annotation takes the refs that use it along) and list their messages in ``self.skipped``.
+            Image files that are missing count as bad records.
+        check_images: check at construction that the image file of every kept ref exists (one ``stat`` per image);
+            ``False`` leaves that to ``sample.image`` (for reading annotations without the images).
 
     Raises:
-        FileNotFoundError: a folder or file is missing (the message names the full path).
+        FileNotFoundError: a folder or file is missing (the message names the full path); for image files, how many
+            are missing, the first few paths, the layout expected and, when a common other layout holds them, the
+            ``image_root`` / ``image_template`` to pass.
         ValueError: an unreadable file (names it, and the line and column of a JSON syntax error).
         BadRecordError: a malformed record (names the file, its position or ref_id / ann_id / image_id, the field
             and the problem).
@@ -164,6 +188,7 @@ class ReferDataset:
         image_template: Optional[str] = None,
         text_key: str = "sent",
         on_bad_record: str = "error",
+        check_images: bool = True,
     ):
         self.on_bad_record = check_on_bad_record(on_bad_record)
         self.skipped: List[str] = []
@@ -178,7 +203,7 @@ class ReferDataset:
         self.image_root = Path(image_root) if image_root is not None else self.data_root
         if image_template is None:
             image_template = REFCLEF_IMAGE_TEMPLATE if dataset == "refclef" else COCO_IMAGE_TEMPLATE
-        self.image_template = image_template
+        self.image_template = check_image_template(image_template)
         self.text_key = text_key
 
         folder = self.data_root / dataset
@@ -212,6 +237,8 @@ class ReferDataset:
                 self.records.append(self._validate(raw, index))
             except BadRecordError as error:
                 self._bad_record(error)
+        if check_images:
+            self.records = self._drop_missing_images(self.records)
 
         # Group by image, keeping first-appearance order so that indices are stable across runs.
         self._by_image: Dict[Any, List[ReferRecord]] = {}
@@ -226,6 +253,35 @@ class ReferDataset:
         if self.on_bad_record == "error":
             raise error
         self.skipped.append(str(error))
+
+    def _drop_missing_images(self, records: List[ReferRecord]) -> List[ReferRecord]:
+        """``records`` whose image file exists. Missing ones stop construction with one message for all of them
+        (``on_bad_record="error"``) or leave their refs out, each noted as skipped (the first note carries the
+        summary)."""
+        paths = {}
+        for record in records:
+            if record.image_id not in paths:
+                paths[record.image_id] = self.image_path(record.image_id)
+        missing = missing_files(paths.values())
+        if not missing:
+            return records
+        summary = self._missing_images_message(missing, len(paths))
+        if self.on_bad_record == "error":
+            raise FileNotFoundError(summary)
+        missing, kept = set(missing), []
+        for record in records:
+            path = paths[record.image_id]
+            if path in missing:
+                self.skipped.append(f"{self.refs_path}: ref_id {record.ref_id}: image file not found: {path}"
+                                    + (f" ({summary})" if summary else ""))
+                summary = ""
+            else:
+                kept.append(record)
+        return kept
+
+    def _missing_images_message(self, missing: List[Path], total: int) -> str:
+        source = f"{self.dataset} {self.refs_path.name} split {self.split or '(all)'}"
+        return missing_images_message(source, missing, total, self.image_root, self.image_template)
 
     def _index(self, records: list, kind: str) -> Dict[Any, dict]:
         """id -> record for instances.json's images / annotations; a record without an id is a bad record."""

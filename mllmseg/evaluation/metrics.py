@@ -132,10 +132,47 @@ class ReferringMetrics:
         gt, pred = as_bool_mask(gt_mask), as_bool_mask(pred_mask)
         if gt.shape != pred.shape or gt.ndim != 2:
             raise ValueError(f"gt_mask {gt.shape} and pred_mask {pred.shape} must be the same [H, W]")
-        gt_empty = not gt.any()
-        no_target = gt_empty if no_target is None else bool(no_target)
+        return self.add_counts(
+            image_id,
+            inter=int(np.count_nonzero(gt & pred)),
+            union=int(np.count_nonzero(gt | pred)),
+            gt_empty=not gt.any(),
+            pred_box=box_from_mask(pred) if gt_box is not None else None,
+            gt_box=gt_box,
+            pred_rejected=pred_rejected,
+            no_target=no_target,
+        )
+
+    def add_counts(
+        self,
+        image_id,
+        inter: int,
+        union: int,
+        gt_empty: bool,
+        pred_box=None,
+        gt_box=None,
+        pred_rejected: Optional[bool] = None,
+        no_target: Optional[bool] = None,
+    ) -> float:
+        """Count one expression from its pixel counts (what :meth:`add` measures from the masks); returns its IoU.
+
+        For callers that count on the model's device and bring only the numbers back (the evaluation loop).
+
+        Args:
+            inter, union: ``|gt & pred|`` and ``|gt | pred|`` in pixels at the original resolution.
+            gt_empty: whether the ground-truth mask is empty.
+            pred_box: ``[4]`` box of the predicted mask as :func:`box_from_mask` gives it (``[0, 0, 0, 0]`` when
+                empty); needed when ``gt_box`` is given.
+            image_id, gt_box, pred_rejected, no_target: as in :meth:`add`.
+        """
+        inter, union = int(inter), int(union)
+        if not 0 <= inter <= union:
+            raise ValueError(f"counts of image {image_id!r}: need 0 <= inter <= union, got inter {inter}, union {union}")
+        no_target = bool(gt_empty) if no_target is None else bool(no_target)
         if no_target and not gt_empty:
             raise ValueError("no_target=True but gt_mask is not empty")
+        if gt_box is not None and pred_box is None:
+            raise ValueError(f"image {image_id!r}: gt_box given without pred_box (the predicted mask's box)")
         s = self.state
         if pred_rejected is not None:
             if no_target:
@@ -145,7 +182,6 @@ class ReferringMetrics:
         if no_target and pred_rejected:
             inter, union, iou = 0, 0, 1.0
         else:
-            inter, union = int(np.count_nonzero(gt & pred)), int(np.count_nonzero(gt | pred))
             iou = inter / union if union > 0 else 1.0
             if no_target and pred_rejected is not None:  # GRES: [SEG] on a no-target expression
                 iou = 0.0
@@ -157,7 +193,7 @@ class ReferringMetrics:
         s["image_count"][image_id] = s["image_count"].get(image_id, 0) + 1
         if gt_box is not None:
             s["n_rec"] += 1
-            s["rec_hits"] += int(box_iou(box_from_mask(pred), gt_box) > 0.5)
+            s["rec_hits"] += int(box_iou(pred_box, gt_box) > 0.5)
         return iou
 
     def state_dict(self) -> Dict[str, Any]:

@@ -11,7 +11,8 @@ Hub metadata choices:
   pipeline (``pipeline_mllmseg.py``), so ``transformers.pipeline("image-segmentation", model=repo,
   trust_remote_code=True)`` works with ``expressions=``; the Hub's inference widget cannot pass expressions and is off.
 * ``library_name: transformers`` (remote code, loaded with ``trust_remote_code=True``).
-* metric values in the card and in ``model-index`` are percentages (two decimals), as the field reports them.
+* metric values in the card and in ``model-index`` are fractions in [0, 1] (three decimals), as `mllmseg evaluate`,
+  the quickstart and the README report them (0.750 = 75%).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ METRICS: list[tuple[str, str, str]] = [
 ]
 
 METRICS_NOTES = (
-    "Metrics (percent): **cIoU** = total intersection / total union over the split. "
+    "Metrics are fractions in [0, 1] (three decimals: 0.750 = 75%). **cIoU** = total intersection / total union over the split. "
     "**gIoU** is reported in both conventions in use: the mean of per-expression IoU (LISA) and the mean over images "
     "of the per-image mean IoU (the MLLMSeg reference evaluation). **Prec@0.5 (REC)**: the box of the predicted mask "
     "has IoU > 0.5 with the ground-truth box. **N-acc / T-acc** (GRES): share of no-target expressions answered "
@@ -63,8 +64,11 @@ def template_path(name: str = TEMPLATE_NAME) -> Path:
     return path
 
 
-def _pct(value) -> str:
-    return "–" if value is None else f"{100.0 * float(value):.2f}"
+FRACTION_DECIMALS = 3
+
+
+def _fraction(value) -> str:
+    return "–" if value is None else f"{float(value):.{FRACTION_DECIMALS}f}"
 
 
 def dataset_display(name: str) -> str:
@@ -78,7 +82,7 @@ def split_text(split) -> str:
 
 
 def metrics_table(results: Sequence[dict]) -> str:
-    """Markdown table, one row per evaluation (an `mllmseg evaluate` results JSON), metrics in percent."""
+    """Markdown table, one row per evaluation (an `mllmseg evaluate` results JSON), metrics as fractions."""
     if not results:
         return "_No evaluation results were attached to this release._"
     header = ["Dataset", "Split", "Mode"] + [label for _, label, _ in METRICS] + ["Expressions"]
@@ -86,7 +90,7 @@ def metrics_table(results: Sequence[dict]) -> str:
     for result in results:
         metrics = result["metrics"]
         row = [dataset_display(result.get("dataset", "?")), split_text(result.get("split")), result.get("mode", "fast")]
-        row += [_pct(metrics.get(key)) for key, _, _ in METRICS]
+        row += [_fraction(metrics.get(key)) for key, _, _ in METRICS]
         row.append(str(metrics.get("n_expressions", "")))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -110,7 +114,7 @@ def load_eval_results(paths: Iterable[str | Path]) -> list[dict]:
 
 
 def eval_results_for_index(results: Sequence[dict]) -> list:
-    """`huggingface_hub.EvalResult` entries (percent values) for the card's `model-index`."""
+    """`huggingface_hub.EvalResult` entries (fractions, three decimals) for the card's `model-index`."""
     from huggingface_hub import EvalResult
 
     entries = []
@@ -131,7 +135,7 @@ def eval_results_for_index(results: Sequence[dict]) -> list:
                     dataset_split=split,
                     metric_type=metric_type,
                     metric_name=label,
-                    metric_value=round(100.0 * float(value), 2),
+                    metric_value=round(float(value), FRACTION_DECIMALS),
                     metric_config=result.get("mode", "fast"),
                 )
             )

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import operator
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from .configuration_mllmseg import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from .conversation_mllmseg import IMAGE_PLACEHOLDER
 from .image_processing_mllmseg import MLLMSegImageProcessor
+from .compat_mllmseg import cache_kwargs, output_cache
 from .processing_mllmseg import MLLMSegProcessor, SegmentationResult
 
-SEGMENT_MODES = ("fast", "generate")
+SEGMENT_MODES = ("fast", "per_expression", "generate")
 
 
 class _FinalStateRecorder:
@@ -47,6 +50,16 @@ class MLLMSegInferenceMixin:
     # -- shared pieces --------------------------------------------------------------------------------------------
     def _image_outputs(self, pixel_values):
         return self.get_image_features(pixel_values.to(self.device, self.dtype), return_dict=True)
+
+    @staticmethod
+    def _tiles_of(image_outputs, tiles: torch.LongTensor, samples: list[int]):
+        """The image features (ViT states and projected tokens, `(N', ...)`) of the tiles of `samples`, in that order
+        (a sample may repeat); `tiles` `(B,)` is the tile count of each sample of `image_outputs`."""
+        starts = (torch.cumsum(tiles, 0) - tiles).tolist()
+        device = image_outputs.pooler_output.device
+        index = torch.tensor([starts[b] + t for b in samples for t in range(int(tiles[b]))], device=device)
+        return type(image_outputs)(last_hidden_state=image_outputs.last_hidden_state[index],
+                                   pooler_output=image_outputs.pooler_output[index])
 
     def _generate_with_states(self, input_ids, attention_mask, image_outputs, generation_config: dict,
                               record: bool = True):
@@ -78,10 +91,23 @@ class MLLMSegInferenceMixin:
             return self._masks_from_full_pass(sequences, prompt_attention_mask, image_outputs, tile_grids, eos_token_id,
                                               causal=not self.mask_decoder.dual_pass)
         ids = sequences[:, : states.shape[1] + 1]
+        if prompt_attention_mask is not None:
+            ids = self._generated_image_tokens_as_text(ids, prompt_attention_mask.shape[1])
         hidden = torch.cat([states, states[:, -1:]], dim=1)  # pad so positions index as in a full forward
         tiles = self.tiles_per_sample(ids)
         seg_emb, seg_sample = self.seg_embeddings(ids, hidden)
         return self.predict_masks(self.mask_head_inputs(ids, hidden, image_outputs), seg_emb, seg_sample, tiles, tile_grids)
+
+    def _generated_image_tokens_as_text(self, ids: torch.LongTensor, prompt_length: int) -> torch.LongTensor:
+        """`ids` `(B, L)` with any `<IMG_CONTEXT>` the model generated (after `prompt_length`) replaced by token 0, for
+        the image bookkeeping only (tile counts, image-state positions; no embedding is looked up): generation
+        treated such a token as text (no image features reach it), so only the prompt's image tokens are images.
+        (The full-pass path, SELF1E and beams, embeds the ids again and still refuses a generated image token.)"""
+        answer = ids[:, prompt_length:]
+        stray = answer == self.config.image_token_id
+        if not bool(stray.any()):
+            return ids
+        return torch.cat([ids[:, :prompt_length], answer.masked_fill(stray, 0)], dim=1)
 
     def _masks_from_full_pass(self, sequences, prompt_attention_mask, image_outputs, tile_grids, eos_token_id,
                               causal: bool = False):
@@ -106,11 +132,7 @@ class MLLMSegInferenceMixin:
         if rows.numel() == 0:  # no [SEG] generated: no pass
             return masks
         # Only the rows that produced a [SEG], with their own tiles.
-        starts = (torch.cumsum(tiles, 0) - tiles).tolist()
-        tile_rows = torch.cat([torch.arange(starts[b], starts[b] + int(tiles[b]), device=sequences.device)
-                               for b in rows.tolist()])
-        image = type(image_outputs)(last_hidden_state=image_outputs.last_hidden_state[tile_rows],
-                                    pooler_output=image_outputs.pooler_output[tile_rows])
+        image = self._tiles_of(image_outputs, tiles, rows.tolist())
         ids = sequences[rows]
         if causal:
             hidden = self.model(input_ids=ids, attention_mask=mask[rows], position_ids=position_ids[rows],
@@ -179,10 +201,7 @@ class MLLMSegInferenceMixin:
             )
         image_outputs = self._image_outputs(pixel_values)
         tiles = self.checked_tiles_per_sample(input_ids, image_outputs.pooler_output.shape[0])
-        starts = (torch.cumsum(tiles, 0) - tiles).tolist()
-        index = torch.tensor([starts[b] + t for b in source.tolist() for t in range(int(tiles[b]))], device=self.device)
-        image = type(image_outputs)(last_hidden_state=image_outputs.last_hidden_state[index],
-                                    pooler_output=image_outputs.pooler_output[index])
+        image = self._tiles_of(image_outputs, tiles, source.tolist())
         prompt_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         eos = self.generation_config.eos_token_id if eos_token_id is None else eos_token_id
         grids = None if tile_grids is None else tile_grids.to(self.device)[source]
@@ -258,7 +277,11 @@ class MLLMSegInferenceMixin:
     @staticmethod
     def _check_num_patches(num_patches_list, n_tiles: int, n_images: int, images_are: str) -> list[int]:
         """`num_patches_list` as ints: one positive tile count per image (`n_images` of them, `images_are` says what
-        they are), summing to the `n_tiles` of `pixel_values`."""
+        they are), summing to the `n_tiles` of `pixel_values`. A 1-D integer tensor (the image processor's
+        `num_tiles`) is taken as that list."""
+        if isinstance(num_patches_list, torch.Tensor) and num_patches_list.dim() == 1 and not (
+                num_patches_list.is_floating_point() or num_patches_list.is_complex()):
+            num_patches_list = num_patches_list.tolist()
         if not isinstance(num_patches_list, (list, tuple)):
             raise TypeError(
                 f"num_patches_list must be a list of tile counts, one per image, got {type(num_patches_list).__name__}"
@@ -461,14 +484,22 @@ class MLLMSegInferenceMixin:
             expressions: for one image, a string or a list of strings; for a list of images, one string or list per
                 image.
             mode: `"fast"` (default): one teacher-forced forward per image over all its expressions, `[SEG]` vs
-                `[REJ]` decided by the logits at each slot (the paper's evaluation protocol). `"generate"`: free
+                `[REJ]` decided by the logits at each slot (the paper's evaluation protocol). `"per_expression"`:
+                each expression in its own one-expression conversation, the results of separate `segment` calls
+                with one expression each (the same masks, `[REJ]` decisions and slot probabilities), computed
+                with the ViT once per image and, for the DSFF decoder, the LLM once over the system turn, once over
+                each image's prefix (its image tokens) and once over the expressions' suffixes, each pass on the KV
+                cache of the one before (exact: the same tokens at the same positions); SELF1E's image
+                tokens read the `[SEG]` (dual perception), so there the conversations run as one batch, the ViT
+                still once per image. `text` is then the per-expression answers, one per line. `"generate"`: free
                 generation; one mask per generated `[SEG]`, from the states captured while generating (DSFF) or from
-                one dual-perception pass over prompt + answer, only for answers with a `[SEG]` (SELF1E).
+                one dual-perception pass over prompt + answer, only for answers with a `[SEG]` (SELF1E); a warning
+                names the images whose answer holds more or fewer `[SEG]`/`[REJ]` slots than expressions.
             tiling: `"single"` (one square tile, as the released checkpoints were trained) or `"dynamic"` (InternVL
                 tiling, the decoder runs per tile and tile masks are stitched); defaults to `config.seg_tiling`.
             threshold: probability threshold of the masks.
             return_rle: also return COCO RLE of each mask.
-            batch_size: images per forward.
+            batch_size: images per forward (`per_expression`: images per ViT batch; their expressions share it).
 
         Returns one [`SegmentationResult`] for a single image, else a list.
         """
@@ -501,16 +532,28 @@ class MLLMSegInferenceMixin:
                     raise ValueError(f"image {i}: expression {e!r} is empty; give a non-empty description")
         image_list = [str(im) if isinstance(im, Path) else im for im in image_list]
         tiling = tiling or self.config.seg_tiling
-        results = []
+        results, mismatches = [], []
         for start in range(0, len(image_list), batch_size):
             chunk = slice(start, start + batch_size)
             if mode == "fast":
                 results.extend(self._segment_fast(processor, image_list[chunk], expr_lists[chunk], tiling, threshold,
                                                   return_rle))
+            elif mode == "per_expression":
+                results.extend(self._segment_per_expression(processor, image_list[chunk], expr_lists[chunk], tiling,
+                                                            threshold, return_rle))
             else:
-                results.extend(self._segment_generate(processor, image_list[chunk], expr_lists[chunk], tiling,
+                found, lines = self._segment_generate(processor, image_list[chunk], expr_lists[chunk], tiling,
                                                       threshold, return_rle,
-                                                      dict(generation_config or {}, max_new_tokens=max_new_tokens)))
+                                                      dict(generation_config or {}, max_new_tokens=max_new_tokens),
+                                                      first=start)
+                results.extend(found)
+                mismatches.extend(lines)
+        if mismatches:  # one warning per call, naming every image concerned (issue 20)
+            warnings.warn(
+                "segment(mode='generate'): the model answered with a different number of [SEG]/[REJ] slots than "
+                "expressions (slots map to expressions in order): " + "; ".join(mismatches),
+                UserWarning, stacklevel=2,
+            )
         return results[0] if single else results
 
     def _segment_fast(self, processor, images, expr_lists, tiling, threshold, return_rle):
@@ -525,7 +568,119 @@ class MLLMSegInferenceMixin:
             threshold=threshold, return_rle=return_rle,
         )
 
-    def _segment_generate(self, processor, images, expr_lists, tiling, threshold, return_rle, generation_config):
+    def _segment_per_expression(self, processor, images, expr_lists, tiling, threshold, return_rle):
+        """`segment(mode="per_expression")` on one batch of images: K = sum of E_b one-expression conversations."""
+        pixels = processor.image_processor(list(images), tiling=tiling, return_tensors="pt")
+        tiles = pixels["num_tiles"].to(self.device)
+        owner = [b for b, exprs in enumerate(expr_lists) for _ in exprs]  # conversation -> image
+        prompts = [processor.segmentation_prompt([e]) for exprs in expr_lists for e in exprs]
+        batch = processor(text=[q for q, _ in prompts], answers=[a for _, a in prompts],
+                          num_tiles=[[int(tiles[b])] for b in owner])
+        ids, attention = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        image_outputs = self._image_outputs(pixels["pixel_values"])
+        grids = pixels["tile_grids"].to(self.device)
+        if self.mask_decoder.dual_pass:
+            masks, slot_logits = self._per_expression_batched(ids, attention, image_outputs, tiles, grids, owner)
+        else:
+            masks, slot_logits = self._per_expression_shared_prefix(ids, attention, image_outputs, tiles, grids, owner)
+        outputs = SimpleNamespace(pred_masks=masks, seg_logits=slot_logits, seg_sample=torch.tensor(owner))
+        results = processor.post_process_segmentation(outputs, target_sizes=pixels["original_sizes"],
+                                                      expressions=expr_lists, threshold=threshold,
+                                                      return_rle=return_rle)
+        for b, result in enumerate(results):
+            rows = [r for r, o in enumerate(owner) if o == b]
+            result.text = "\n".join(processor.teacher_forced_answer(ids[r], result.rejected[k : k + 1])
+                                     for k, r in enumerate(rows))
+        return results
+
+    def shared_prefix_length(self, ids: torch.LongTensor, attention: torch.Tensor) -> int:
+        """The prefix that the conversations `ids` `(n, L)` (right-padded, `attention` `(n, L)`) of one image share and
+        that their LLM pass can compute once: the longest common run of real tokens, ending before the position
+        that predicts the first `[SEG]` (whose state and logits are per conversation). It must hold every image
+        token."""
+        same = (ids == ids[:1]).all(0) & attention.bool().all(0)
+        common = int(same.long().cumprod(0).sum())
+        seg_pos = (ids == self.config.seg_token_id).long().argmax(1)
+        image_end = int((ids[0] == self.config.image_token_id).nonzero().max()) + 1
+        length = min(common, int(seg_pos.min()) - 1)
+        if length < image_end:
+            raise ValueError(
+                f"the one-expression conversations of an image share {length} tokens but their image tokens end at "
+                f"{image_end}; per_expression needs the image before the question"
+            )
+        return length
+
+    def _prefix_pass(self, input_ids, start: int = 0, cache=None, attention_mask=None, image=None):
+        """One causal LLM pass over `input_ids` `(n, l)` at positions `start .. start + l - 1`, on `cache` (the keys and
+        values of the first `start` positions, one row per input row; None when `start` is 0). `attention_mask`
+        `(n, start + l)` (None: every token real); `image`: features of the image tokens in `input_ids`.
+        Returns (final states `(n, l, T)`, the cache grown by these positions)."""
+        n, length = input_ids.shape
+        positions = torch.arange(start, start + length, device=input_ids.device).expand(n, -1)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                         mm_encoder_outputs=None if image is None else {"image": image}, **cache_kwargs(cache))
+        return out.last_hidden_state, output_cache(out)
+
+    def _per_expression_shared_prefix(self, ids, attention, image_outputs, tiles, tile_grids, owner):
+        """Causal mask heads (DSFF), a prefix tree over transformers' KV cache (`batch_select_indices` copies rows):
+
+        1. the system turn (the tokens before the first `<img>`, the same in every conversation, `(1, S)`) once per
+           group of images whose prefixes have one length (one tile count);
+        2. on it, expanded to the group's G images, the rest of each image's prefix (image tokens and whatever its
+           conversations share, `(G, P - S)`): the image states and the fused tiles come from this pass;
+        3. on that, expanded to the group's n conversations, their suffixes `(n, L - P)` in one right-padded batch:
+           the `[SEG]` state and slot logits of each conversation, one mask each.
+
+        Returns per image the mask logits `(E_b, rows * S, cols * S)` and the slot logits `(K, vocab)` in conversation
+        order. Exact: a conversation's states are those of its own causal forward (same tokens, positions, keys)."""
+        owner_t = torch.tensor(owner, device=ids.device)
+        lengths = {b: self.shared_prefix_length(ids[owner_t == b], attention[owner_t == b]) for b in set(owner)}
+        image_end = {b: int((ids[owner.index(b)] == self.config.image_token_id).nonzero().max()) for b in lengths}
+        system = int((ids[0] == self.config.image_token_id).nonzero().min()) - 1  # <img> starts the image prefix
+        masks = [None] * len(lengths)
+        slot_logits = [None] * len(owner)
+        for end in sorted(set(image_end.values())):
+            group = [b for b in sorted(lengths) if image_end[b] == end]
+            prefix = min(lengths[b] for b in group)
+            rows = [r for r, o in enumerate(owner) if o in group]
+            local = torch.tensor([group.index(owner[r]) for r in rows], device=ids.device)
+            head_ids = ids[[owner.index(b) for b in group], :prefix]  # (G, P)
+            cache = self._prefix_pass(head_ids[:1, :system])[1] if system > 0 else None
+            if cache is not None:
+                cache.batch_select_indices(torch.zeros(len(group), dtype=torch.long, device=ids.device))
+            image = self._tiles_of(image_outputs, tiles, group)
+            head, cache = self._prefix_pass(head_ids[:, system:], system, cache, image=image)
+            cache.batch_select_indices(local)  # (G, P) keys and values -> one copy per conversation (n, P)
+            length = int(attention[rows].sum(1).max())
+            tail_ids = ids[rows, prefix:length]
+            tail, _ = self._prefix_pass(tail_ids, prefix, cache, attention_mask=attention[rows, :length])
+            seg_sample, seg_pos = self.slot_rows(tail_ids)  # positions in the suffix
+            if seg_sample.tolist() != list(range(len(rows))):
+                raise ValueError("per_expression needs exactly one [SEG] per conversation")
+            seg_emb = tail[seg_sample, seg_pos]
+            for r, logits in zip(rows, self.lm_head(seg_emb)):
+                slot_logits[r] = logits
+            found = self.predict_masks(self.mask_head_inputs(head_ids[:, system:], head, image), seg_emb, local,
+                                       tiles[group], tile_grids[group])
+            for b, m in zip(group, found):
+                masks[b] = m
+        return masks, torch.stack(slot_logits)
+
+    def _per_expression_batched(self, ids, attention, image_outputs, tiles, tile_grids, owner):
+        """Mask heads that need a second pass with each conversation's own `[SEG]` (SELF1E: its image tokens attend to
+        it): the K conversations as one fast-mode batch, each with its image's features (the ViT ran once per image).
+        Returns per image the mask logits `(E_b, ...)` and the slot logits `(K, vocab)`."""
+        out = self(input_ids=ids, attention_mask=attention, mm_encoder_outputs={"image": self._tiles_of(image_outputs, tiles, owner)},
+                   tile_grids=tile_grids[owner], logits_to_keep=1)
+        if out.seg_sample.tolist() != list(range(len(owner))):
+            raise ValueError("per_expression needs exactly one [SEG] per conversation")
+        masks = [torch.cat([out.pred_masks[r] for r, o in enumerate(owner) if o == b]) for b in range(max(owner) + 1)]
+        return masks, out.seg_logits
+
+    def _segment_generate(self, processor, images, expr_lists, tiling, threshold, return_rle, generation_config,
+                          first: int = 0):
+        """Results of one batch in `generate` mode, and a line per image whose answer holds more or fewer slots
+        than expressions (`first`: the index of the batch's first image in the `segment` call)."""
         questions = [processor.segmentation_prompt(exprs)[0] for exprs in expr_lists]
         batch = processor(images=images, text=questions, tiling=tiling, padding_side="left")
         ids, attention = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
@@ -536,10 +691,12 @@ class MLLMSegInferenceMixin:
         mask_logits = self._masks_from_states(sequences, states, image_outputs, batch["tile_grids"].to(self.device),
                                               attention, config["eos_token_id"],
                                               reordered=int(config.get("num_beams", 1)) > 1)
-        return processor.post_process_generation(
-            sequences[:, ids.shape[1] :], mask_logits, target_sizes=batch["original_sizes"], expressions=expr_lists,
+        answers = sequences[:, ids.shape[1] :]
+        results = processor.post_process_generation(
+            answers, mask_logits, target_sizes=batch["original_sizes"], expressions=expr_lists,
             threshold=threshold, return_rle=return_rle,
         )
+        return results, processor.slot_count_mismatches(answers, expr_lists, first=first)
 
 
 __all__ = ["MLLMSegInferenceMixin", "SegmentationResult", "SEGMENT_MODES"]

@@ -72,9 +72,10 @@ class _DecoderLayer(nn.Module):
         b_q, b_k, b_v = attn.in_proj_bias.split(dim)
         p = self.attn_dropout if self.training else 0.0
         if memory.shape[1] == 1 and p == 0.0:
-            # One key: the attention weights are all 1, every query receives the projected value.
-            out = F.linear(memory, w_v, b_v).expand(-1, query.shape[1], -1)
-            return attn.out_proj(out)
+            # One key: the softmax over it is identically 1, so every query receives the same row, the projected
+            # value; `out_proj` runs on that one row per sample and the result is expanded to the Lq queries (not
+            # out_proj over Lq equal rows: G*G = 1024 per mask at 448 px). Same parameters, same outputs.
+            return attn.out_proj(F.linear(memory, w_v, b_v)).expand(-1, query.shape[1], -1)
         bsz, lq, _ = query.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
         q = F.linear(query, w_q, b_q).view(bsz, lq, heads, head_dim).transpose(1, 2)

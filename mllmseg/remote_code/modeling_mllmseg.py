@@ -247,23 +247,38 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
 
     def seg_embeddings(self, input_ids: torch.LongTensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The states preceding each `[SEG]`: `(num_seg_total, T)`, and each one's sample index `(num_seg_total,)`."""
-        batch_idx, pos = (input_ids == self.config.seg_token_id).nonzero(as_tuple=True)
-        if pos.numel() and int(pos.min()) == 0:
-            raise ValueError("a [SEG] token at position 0 has no preceding state")
-        return hidden[batch_idx, pos - 1], batch_idx
+        seg_sample, rows = self.slot_rows(input_ids)
+        return hidden[seg_sample, rows], seg_sample
 
-    def slot_logits(
-        self, input_ids: torch.LongTensor, hidden: torch.Tensor, logits: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.LongTensor]:
-        """The logits that predict each `[SEG]` of `input_ids` (from the state before it): `(M, vocab)`, and each one's
-        sample `(M,)`. Read from `logits` (`(B, L', vocab)`, the last L' positions) when they cover every position,
-        else the LM head runs on those M states only: `segment`'s fast mode asks for `logits_to_keep=1`, so the
-        full-vocabulary head is applied to B + M rows instead of B * L."""
+    def slot_rows(self, input_ids: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """Where each `[SEG]` of `input_ids` is predicted from: `(sample (M,), position (M,))`, the position before each
+        `[SEG]`, in order (its state is the `[SEG]` embedding, its logits decide `[SEG]` against `[REJ]`)."""
         seg_sample, seg_pos = (input_ids == self.config.seg_token_id).nonzero(as_tuple=True)
-        rows = (seg_pos - 1).clamp(min=0)
-        if logits is not None and logits.shape[1] == input_ids.shape[1]:
-            return logits[seg_sample, rows], seg_sample
-        return self.lm_head(hidden[seg_sample, rows]), seg_sample
+        if seg_pos.numel() and int(seg_pos.min()) == 0:
+            raise ValueError("a [SEG] token at position 0 has no preceding state")
+        return seg_sample, seg_pos - 1
+
+    def head_logits(
+        self, input_ids: torch.LongTensor | None, hidden: torch.Tensor, logits_to_keep: int | torch.Tensor, has_seg: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]:
+        """`(logits (B, L', vocab), slot logits (M, vocab) or None, their samples (M,) or None)` with one LM-head call.
+
+        `logits` are those of the kept positions (`logits_to_keep`: the last k, 0 for all, or a tensor of positions).
+        Where the kept positions do not cover every slot (`segment`'s fast mode keeps 1), the slot rows are gathered
+        beside the kept ones and the head runs once on the B * L' + M rows, then the result is split: the head's
+        weight (vocab x T, 272 MB at 1B in bf16) is read from memory once instead of twice (issue 21)."""
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        kept = hidden[:, keep, :]
+        covers_all = isinstance(logits_to_keep, int) and kept.shape[1] == hidden.shape[1]
+        if not has_seg:
+            return self.lm_head(kept), None, None
+        seg_sample, rows = self.slot_rows(input_ids)
+        if covers_all:
+            logits = self.lm_head(kept)
+            return logits, logits[seg_sample, rows], seg_sample
+        b, length, width = kept.shape
+        both = self.lm_head(torch.cat([kept.reshape(b * length, width), hidden[seg_sample, rows]]))
+        return both[: b * length].view(b, length, -1), both[b * length :], seg_sample
 
     def image_token_states(self, input_ids: torch.LongTensor, hidden: torch.Tensor) -> torch.Tensor:
         """SELF1E's LLM image features: `(N, g*g, T)`, the final states *at* each `<IMG_CONTEXT>` (not shifted: with
@@ -532,12 +547,7 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
             **kwargs,
         )
         hidden = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, slice_indices, :])
-        seg_logits = seg_sample = None
-        if has_seg:
-            full = logits if isinstance(logits_to_keep, int) else None  # a tensor of positions: not position-aligned
-            seg_logits, seg_sample = self.slot_logits(input_ids, hidden, full)
+        logits, seg_logits, seg_sample = self.head_logits(input_ids, hidden, logits_to_keep, has_seg)
 
         # 3. Masks, one per [SEG] (SELF1E: from a second pass with the dual-perception mask).
         pred_masks = low_res_masks = None

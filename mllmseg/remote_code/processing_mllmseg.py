@@ -615,9 +615,7 @@ class MLLMSegProcessor(ProcessorMixin):
 
         `[SEG]` against `[REJ]` at each slot is the reference's argmax rule over the whole vocabulary.
         """
-        slot_logits = outputs.seg_logits.float()
-        rejected_all = (slot_logits.argmax(-1) == self.rej_token_id).cpu()
-        seg_probs_all = slot_logits[:, [self.seg_token_id, self.rej_token_id]].softmax(-1)[:, 0].cpu()
+        rejected_all, seg_probs_all = (t.cpu() for t in self.slot_decisions(outputs.seg_logits))
         sample_of_slot = outputs.seg_sample.cpu()
         results = []
         for b, exprs in enumerate(expressions):
@@ -625,7 +623,7 @@ class MLLMSegProcessor(ProcessorMixin):
             if len(rows) != len(exprs):
                 raise ValueError(f"sample {b}: {len(rows)} [SEG] slots for {len(exprs)} expressions")
             rejected, seg_probs = rejected_all[rows], seg_probs_all[rows]
-            text = "" if input_ids is None else self._teacher_forced_answer(input_ids[b], rejected)
+            text = "" if input_ids is None else self.teacher_forced_answer(input_ids[b], rejected)
             results.append(self._result(exprs, outputs.pred_masks[b], target_sizes[b], rejected, seg_probs, text,
                                         threshold, return_rle))
         return results
@@ -640,21 +638,59 @@ class MLLMSegProcessor(ProcessorMixin):
         results = []
         for b, exprs in enumerate(expressions):
             row = self.trim_answer(answer_ids[b].tolist())
-            slots = [t for t in row if t in (self.seg_token_id, self.rej_token_id)]
-            rejected = torch.ones(len(exprs), dtype=torch.bool)
-            logits = mask_logits[b].cpu()
-            out_logits = logits.new_zeros(len(exprs), *logits.shape[-2:])
-            seg_index = 0
-            for e, token in enumerate(slots[: len(exprs)]):
-                if token == self.seg_token_id:
-                    rejected[e] = False
-                    out_logits[e] = logits[seg_index]
-                    seg_index += 1
+            out_logits, rejected = self.generated_slot_masks(row, mask_logits[b].cpu(), len(exprs))
             results.append(self._result(exprs, out_logits, target_sizes[b], rejected, (~rejected).float(),
                                         self.decode_answer(row), threshold, return_rle))
         return results
 
-    def _teacher_forced_answer(self, ids: torch.Tensor, rejected: torch.Tensor) -> str:
+    def slot_decisions(self, slot_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced slot logits `(M, vocab)` (the logits that predict each `[SEG]` slot) -> (`rejected` `(M,)`
+        bool, `seg_probs` `(M,)` P([SEG]) of the [SEG] / [REJ] pair), on their device. `[REJ]` wins a slot by the
+        reference's argmax rule over the whole vocabulary."""
+        slot_logits = slot_logits.float()
+        rejected = slot_logits.argmax(-1) == self.rej_token_id
+        seg_probs = slot_logits[:, [self.seg_token_id, self.rej_token_id]].softmax(-1)[:, 0]
+        return rejected, seg_probs
+
+    def generated_slot_masks(self, answer_ids: list[int], mask_logits: torch.Tensor, num_expressions: int
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One generated answer (ids up to its end of turn) and the mask logits of its `[SEG]`s `(S, H, W)` ->
+        (`(num_expressions, H, W)` logits per expression, `rejected` `(num_expressions,)`), on the logits' device.
+        Slots map to expressions in order: one mask per `[SEG]`; a `[REJ]` or a missing slot is rejected (zero
+        logits); slots beyond the expressions are dropped."""
+        slots = self.answer_slots(answer_ids)[:num_expressions]
+        is_seg = [e for e, token in enumerate(slots) if token == self.seg_token_id]
+        out_logits = mask_logits.new_zeros(num_expressions, *mask_logits.shape[-2:])
+        rejected = torch.ones(num_expressions, dtype=torch.bool, device=mask_logits.device)
+        if is_seg:
+            out_logits[is_seg] = mask_logits[: len(is_seg)]
+            rejected[is_seg] = False
+        return out_logits, rejected
+
+    def answer_slots(self, answer_ids) -> list[int]:
+        """The `[SEG]` / `[REJ]` tokens of an answer (ids up to its end of turn), in order: one slot per expression."""
+        return [int(t) for t in answer_ids if int(t) in (self.seg_token_id, self.rej_token_id)]
+
+    def slot_count_mismatches(self, answer_ids: torch.Tensor, expressions: list[list[str]], first: int = 0) -> list[str]:
+        """One line per sample whose generated answer (`(B, T)` new tokens) holds more or fewer `[SEG]` / `[REJ]` slots
+        than it has expressions: what [`post_process_generation`] does with it (extra slots dropped, missing ones
+        counted as rejected). `first`: the index of sample 0 in the caller's numbering."""
+        lines = []
+        for b, exprs in enumerate(expressions):
+            slots = self.answer_slots(self.trim_answer(answer_ids[b].tolist()))
+            if len(slots) == len(exprs):
+                continue
+            segs = sum(t == self.seg_token_id for t in slots)
+            what = f"{len(slots)} slots ({segs} [SEG], {len(slots) - segs} [REJ]) for {len(exprs)} expressions"
+            if len(slots) > len(exprs):
+                extra = slots[len(exprs) :]
+                lost = sum(t == self.seg_token_id for t in extra)
+                lines.append(f"image {first + b}: {what}; the last {len(extra)} dropped ({lost} [SEG] masks lost)")
+            else:
+                lines.append(f"image {first + b}: {what}; the missing {len(exprs) - len(slots)} counted as rejected")
+        return lines
+
+    def teacher_forced_answer(self, ids: torch.Tensor, rejected: torch.Tensor) -> str:
         """The answer of a teacher-forced conversation (after its last `<|im_start|>assistant`), with `[REJ]` in its
         rejected slots."""
         ids = ids.clone()

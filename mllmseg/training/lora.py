@@ -12,8 +12,11 @@
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 from torch import nn
@@ -142,3 +145,98 @@ def trainable_parameter_counts(model) -> dict[str, int]:
     return parts
 
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The adapter folder's README (in place of PEFT's boilerplate card)
+# ----------------------------------------------------------------------------------------------------------------
+def _code_list(values) -> str:
+    if not values:
+        return "none"
+    if isinstance(values, str):
+        return f"`{values}`"
+    return ", ".join(f"`{v}`" for v in values)
+
+
+def adapter_card(config: dict, folder_name: str = "ADAPTER_DIR") -> str:
+    """A short README for a LoRA adapter folder, from its `adapter_config.json` (as a dict): what it is, its base,
+    the LoRA settings, and how to load and merge it. `folder_name` is how the commands name the folder."""
+    base = str(config.get("base_model_name_or_path") or "not recorded")
+    relative = not os.path.isabs(base) and base.startswith(".")
+    where = " (relative to this folder)" if relative else ""
+    base_for_code = f"{folder_name}/{base}" if relative else base
+    tokens = config.get("trainable_token_indices") or {}
+    token_line = "; ".join(f"`{name}` rows {list(ids)}" for name, ids in tokens.items()) or "none"
+    rows = [
+        ("r", config.get("r")), ("alpha", config.get("lora_alpha")), ("dropout", config.get("lora_dropout")),
+        ("target modules", _code_list(config.get("target_modules"))),
+        ("trained in full (`modules_to_save`)", _code_list(config.get("modules_to_save"))),
+        ("trained embedding rows (`trainable_token_indices`)", token_line),
+    ]
+    table = "\n".join(["| setting | value |", "|---|---|"] +
+                      [f"| {name} | {str(value).replace('|', chr(92) + '|')} |" for name, value in rows])
+    return f"""---
+library_name: peft
+tags:
+- mllmseg
+- lora
+- referring-expression-segmentation
+---
+
+# MLLMSeg LoRA adapter
+
+A LoRA adapter (PEFT) made by `mllmseg train`: the LoRA matrices and the modules trained in full, on top of the
+MLLMSeg checkpoint `{base}`{where}. It is not a full model: loading it needs that base.
+
+## LoRA settings
+
+{table}
+
+## Use it
+
+The `mllmseg` commands take this folder as MODEL: they load the base, apply the adapter and merge it in memory.
+
+```bash
+mllmseg segment {folder_name} photo.png 'the red circle'
+```
+
+In Python, with PEFT (the processor is saved in this folder):
+
+```python
+from peft import PeftModel
+from transformers import AutoModel, AutoProcessor
+
+base = AutoModel.from_pretrained("{base_for_code}", trust_remote_code=True)  # the base above
+model = PeftModel.from_pretrained(base, "{folder_name}").merge_and_unload().eval()
+processor = AutoProcessor.from_pretrained("{folder_name}", trust_remote_code=True)
+```
+
+## Merge it
+
+A plain remote-code checkpoint (no PEFT needed to load it, what `mllmseg release` publishes):
+
+```bash
+mllmseg merge-lora {folder_name} merged/ --dtype bfloat16
+```
+"""
+
+
+def write_adapter_card(folder: str | os.PathLike, folder_name: str = "ADAPTER_DIR") -> None:
+    """Replace the README.md PEFT writes into an adapter folder with `adapter_card` of its adapter_config.json."""
+    folder = Path(folder)
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    (folder / "README.md").write_text(adapter_card(config, folder_name), encoding="utf-8")
+
+
+def finish_adapter_folder(folder: str | os.PathLike, final: str | os.PathLike, run_dir: str | os.PathLike) -> None:
+    """A LoRA adapter saved to `folder` (staged; it becomes `final`): the base path stored relative to `final` when
+    the base lies inside `run_dir` (a moved or copied run still finds it; see merge.stored_base_path), and our
+    adapter card in place of PEFT's boilerplate README."""
+    from .merge import stored_base_path
+
+    config_file = Path(folder, "adapter_config.json")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if config.get("base_model_name_or_path"):
+        config["base_model_name_or_path"] = stored_base_path(config["base_model_name_or_path"], final, run_dir)
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_adapter_card(folder, folder_name=f"{Path(os.path.abspath(run_dir)).name}/{Path(final).name}")

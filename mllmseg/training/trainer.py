@@ -183,6 +183,11 @@ class MLLMSegTrainer(Trainer):
             self.args.output_dir = original
         self.accelerator.wait_for_everyone()  # every rank's files (RNG states, sharded optimizer) are in
         if self.args.should_save:
+            if os.path.isfile(os.path.join(staged, "adapter_config.json")):
+                from .lora import finish_adapter_folder
+
+                # As final/: the base relative to the checkpoint when inside the run, our card, not PEFT's template.
+                finish_adapter_folder(staged, final, run_dir)
             if self.state.best_model_checkpoint == staged:
                 self.state.best_model_checkpoint = final
             if os.path.exists(final):
@@ -377,19 +382,27 @@ def training_arguments(recipe: dict[str, Any], output_dir: str) -> TrainingArgum
     return TrainingArguments(output_dir=output_dir, **kwargs)
 
 
-def build_trainer(recipe: dict[str, Any], output_dir: str | None = None, callbacks=None):
-    """Everything `run_training` needs: (trainer, processor, info)."""
+def build_trainer(recipe: dict[str, Any], output_dir: str | None = None, callbacks=None, train_dataset=None):
+    """Everything `run_training` needs: (trainer, processor, info).
+
+    `train_dataset` (a sequence of `ReferringSample`, e.g. `ReferringRowsDataset(my_datasets_dataset)` or any
+    built-in loader) replaces the recipe's `data.train` sources; the rest of `data:` (max_expressions, tiling,
+    jpeg_prob, ...) still applies."""
     from .lora import LoraRecipe, apply_lora, trainable_parameter_counts
 
     output_dir = str(output_dir or recipe.get("output_dir") or "outputs/" + str(recipe.get("name", "run")))
     seed = int(recipe.get("seed", 0))
     args = training_arguments(recipe, output_dir)
+    check_sharding_is_possible(args)
     _warn_about_settings(args)
     data_cfg = dict(recipe.get("data") or {})
-    if "train" not in data_cfg:
-        raise ValueError("the recipe has no data.train section")
-    # The data first: a bad annotation file stops the run before the model is built.
-    samples = build_samples(data_cfg["train"], on_bad_record=data_cfg.get("on_bad_record", "error"))
+    if train_dataset is not None:
+        samples = check_train_dataset(train_dataset)
+    elif "train" not in data_cfg:
+        raise ValueError("the recipe has no data.train section (or pass train_dataset=...)")
+    else:
+        # The data first: a bad annotation file stops the run before the model is built.
+        samples = build_samples(data_cfg["train"], on_bad_record=data_cfg.get("on_bad_record", "error"))
     skipped = skipped_records(samples)
     if skipped and args.process_index == 0:
         logger.warning(f"skipped {len(skipped)} bad records (data.on_bad_record: skip); the first: {skipped[0]}")
@@ -425,6 +438,46 @@ def build_trainer(recipe: dict[str, Any], output_dir: str | None = None, callbac
     return trainer, processor, info
 
 
+def check_train_dataset(dataset):
+    """A user's `train_dataset`: a non-empty sequence (`len` + indexing) whose items are `ReferringSample`s."""
+    from ..data.records import ReferringSample
+
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise TypeError(f"train_dataset must be a sequence of ReferringSample (len() and [i]), got "
+                        f"{type(dataset).__name__}; wrap rows with mllmseg.data.rows.ReferringRowsDataset")
+    if len(dataset) == 0:
+        raise ValueError("train_dataset is empty")
+    first = dataset[0]
+    if not isinstance(first, ReferringSample):
+        raise TypeError(f"train_dataset[0] must be a ReferringSample, got {type(first).__name__}; wrap rows of "
+                        "image / expression / mask with mllmseg.data.rows.ReferringRowsDataset")
+    return dataset
+
+
+def fsdp_requested(args: TrainingArguments) -> bool:
+    """FSDP asked for through `training.fsdp` or accelerate's launcher (`accelerate launch --use_fsdp`)."""
+    return bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def check_sharding_is_possible(args: TrainingArguments) -> None:
+    """Refuse FSDP where accelerate would not enable it. accelerate (1.15, `AcceleratorState`) turns FSDP on only
+    for multi-process runs on an accelerator (GPU, NPU, XPU, ...); on CPU processes (gloo) it keeps plain DDP without
+    a word, so every process would hold the whole model while the user believes it sharded."""
+    if not fsdp_requested(args):
+        return
+    from accelerate.utils import DistributedType
+
+    state = args.distributed_state  # set up by TrainingArguments (torchrun / accelerate launch environment)
+    if state is not None and state.distributed_type in (DistributedType.MULTI_CPU, DistributedType.NO):
+        raise ValueError(
+            f"FSDP was requested (training.fsdp={args.fsdp!r}, ACCELERATE_USE_FSDP="
+            f"{os.environ.get('ACCELERATE_USE_FSDP', 'unset')}) but this run is {state.distributed_type.value} with "
+            f"{state.num_processes} process(es) on {state.device}: accelerate enables FSDP only for several processes "
+            "on GPUs (or other accelerators), so it would silently train plain DDP here. Drop the FSDP setting "
+            "(torchrun runs DDP on CPU) or run on GPUs."
+        )
+
+
 def _warn_about_settings(args: TrainingArguments) -> None:
     """One warning line for settings that run but cannot do what they say."""
     if args.process_index != 0 or args.max_steps <= 0:
@@ -447,6 +500,10 @@ def save_final(trainer, processor, output_dir: str) -> str:
         trainer.save_model(staged)
         if trainer.args.should_save:
             processor.save_pretrained(staged)
+            if os.path.isfile(os.path.join(staged, "adapter_config.json")):  # LoRA: relative base path, our card
+                from .lora import finish_adapter_folder
+
+                finish_adapter_folder(staged, final, output_dir)
     except Exception as error:
         if not _is_write_failure(error):
             raise
@@ -485,10 +542,11 @@ def _finished_summary(out: str, max_steps: int) -> dict | None:
 
 
 def run_training(recipe: dict[str, Any], output_dir: str | None = None, resume: bool | str | None = None,
-                 callbacks=None) -> dict[str, Any]:
+                 callbacks=None, train_dataset=None) -> dict[str, Any]:
     """Train from a recipe; `resume=None` resumes when the output folder already holds a checkpoint. A run whose
-    `final/` and summary already cover `max_steps` is not trained again: it says so and returns its summary."""
-    trainer, processor, info = build_trainer(recipe, output_dir, callbacks=callbacks)
+    `final/` and summary already cover `max_steps` is not trained again: it says so and returns its summary.
+    `train_dataset` (ReferringSample sequence) replaces the recipe's `data.train` (see `build_trainer`)."""
+    trainer, processor, info = build_trainer(recipe, output_dir, callbacks=callbacks, train_dataset=train_dataset)
     out = info["output_dir"]
     if trainer.args.should_save:
         _remove_stale_trash(out)
@@ -514,6 +572,11 @@ def run_training(recipe: dict[str, Any], output_dir: str | None = None, resume: 
                "resumed_from": resumed_from, "final": final, "base_model": info["base_model"],
                "trainable": info["trainable"], "skipped_records": len(info["skipped"]),
                "skipped_examples": info["skipped"][:SKIPPED_EXAMPLES], "recipe": recipe}
+    if train_dataset is not None:  # what was trained on, not the recipe's sources it replaced
+        data = dict(recipe.get("data") or {})
+        data["train"] = [{"type": "python", "description": f"{type(train_dataset).__name__} of {len(train_dataset)} "
+                          "samples passed as run_training(train_dataset=...)"}]
+        summary["recipe"] = {**recipe, "data": data}
     if trainer.is_world_process_zero():
         tmp = Path(out, "train_summary.json.tmp")
         tmp.write_text(json.dumps(summary, indent=2, default=str))
@@ -530,5 +593,7 @@ __all__ = [
     "build_trainer",
     "run_training",
     "save_final",
+    "check_sharding_is_possible",
+    "check_train_dataset",
     "STAGING_DIR",
 ]
