@@ -97,9 +97,21 @@ def test_every_block_says_how_it_is_tested():
                     assert re.search(rf"^(async )?def {test}\(", source, re.M), f"{block.where}: {name} not found"
 
 
-def _env() -> dict[str, str]:
+def _command_shims(folder: Path) -> Path:
+    """`folder/bin/mllmseg`: this interpreter's `python -m mllmseg`, so the README's `mllmseg ...` runs in the
+    environment under test (CI's overlay environments have no console scripts of their own)."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    shim = bin_dir / "mllmseg"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m mllmseg "$@"\n')
+    shim.chmod(0o755)
+    return bin_dir
+
+
+def _env(bin_dir: Path | None = None) -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["PATH"] = os.pathsep.join([*([str(bin_dir)] if bin_dir else []), str(Path(sys.executable).parent),
+                                   env.get("PATH", "")])
     return env
 
 
@@ -152,7 +164,8 @@ def test_bash_block_runs_as_written(walkthrough, block):
     writes = block.detail.split("writes", 1)[1].split() if "writes" in block.detail else []
     for name in writes:
         (walkthrough / name).unlink(missing_ok=True)
-    result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block.code], cwd=walkthrough, env=_env(),
+    result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block.code], cwd=walkthrough,
+                            env=_env(_command_shims(walkthrough)),
                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900)
     _check(result, block.where)
     for name in writes:
