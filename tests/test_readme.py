@@ -4,7 +4,7 @@ or names the test that runs it, or says why it cannot run on this machine.
 Each block (except `text` blocks: folder trees, sample output) is preceded by a marker comment (invisible on the rendered page):
 
 * `<!-- walkthrough: run -->`, optionally `<!-- walkthrough: run; writes overlay.png result.json -->`: run in one
-  walkthrough folder, in README order. Bash blocks run with `bash -e` (the environment's `mllmseg` on PATH, offline);
+  walkthrough folder, in README order. Bash blocks run with `bash -e` (`mllmseg` on PATH is a shim for this interpreter's `python -m mllmseg`, offline);
   the python blocks run one after another in one fresh interpreter, sharing their names as a notebook would.
 * `<!-- walkthrough: recipe -->`: a recipe file; it is written out and resolved with `mllmseg train FILE --print-recipe`
   (every key checked against what reads it).
