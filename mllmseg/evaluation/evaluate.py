@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..remote_code.inference_mllmseg import SEGMENT_MODES
 from .batches import EvalBatch, EvaluationCollator, default_num_workers, evaluation_loader
 from .metrics import ReferringMetrics, compute_metrics, merge_states
 from .postprocess import (
@@ -32,7 +33,7 @@ from .postprocess import (
     generated_slot_logits,
 )
 
-EVALUATION_MODES = ("fast", "generate", "per_expression")  # as `segment`'s modes
+EVALUATION_MODES = SEGMENT_MODES  # `segment`'s modes, one definition
 
 
 def evaluate_dataset(
