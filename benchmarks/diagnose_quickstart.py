@@ -18,6 +18,7 @@ Not a timing benchmark: it explains the quickstart's held-out numbers. On the qu
    tells the two apart.
 
     .venv/bin/python benchmarks/diagnose_quickstart.py mllmseg-quickstart/run/final [--images 150]
+    .venv/bin/python benchmarks/diagnose_quickstart.py mllmseg/pretrained/tiny-base --scenes tiny_base
 """
 from __future__ import annotations
 
@@ -31,15 +32,14 @@ from transformers import AutoModel, AutoProcessor
 
 from mllmseg.data.synthetic import COLORS, SHAPES, SyntheticReferringDataset
 from mllmseg.evaluation.metrics import ReferringMetrics
+from mllmseg.quickstart import attribute_kind
 from mllmseg.training.recipes import synthetic_scene_kwargs
 
 
 def expression_kind(category: str, text: str) -> str:
-    if category != "attribute":
-        return category
-    words = set(text.split())
-    colour, shape = bool(words & set(COLORS)), bool(words & set(SHAPES))
-    return "attribute: colour + shape" if colour and shape else "attribute: colour" if colour else "attribute: shape"
+    """`attribute: colour` / `attribute: shape` / `attribute: colour + shape`, or the category itself."""
+    kind = attribute_kind(text, category)
+    return kind if category != "attribute" else f"attribute: {kind}"
 
 
 def probe_accuracy(train_x, train_y, test_x, test_y, classes: int) -> float:
@@ -81,9 +81,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("--images", type=int, default=150)
+    parser.add_argument("--scenes", default="tiny", help="the recipe whose scenes to draw (tiny_base: the shipped base)")
     args = parser.parse_args()
 
-    data = SyntheticReferringDataset(args.images, seed=0, split="validation", **synthetic_scene_kwargs("tiny"))
+    data = SyntheticReferringDataset(args.images, seed=0, split="validation", **synthetic_scene_kwargs(args.scenes))
     model = AutoModel.from_pretrained(args.checkpoint, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(args.checkpoint, trust_remote_code=True)
     captured = {}  # hook outputs of the latest forward: ViT states, the decoder's [SEG] embeddings

@@ -28,6 +28,7 @@ BENCHMARKS = {  # name: (script, extra arguments for --quick)
     "training": ("bench_training.py", ["--quick"]),
     "real_size": ("bench_real_size.py", ["--quick"]),
     "evaluation": ("bench_evaluation.py", ["--quick"]),
+    "quickstart": ("quickstart_targets.py", ["--quick"]),
 }
 
 

@@ -17,7 +17,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-DEFAULT_MODEL = Path("mllmseg-quickstart") / "run" / "final"  # where `mllmseg quickstart` saves its checkpoint
+DEFAULT_MODEL = Path("mllmseg-quickstart") / "final"  # where `mllmseg quickstart` saves its merged checkpoint
 TABLE_HEADERS = ["expression", "box (x0, y0, x1, y1)", "score", "rejected"]
 # Folder names that say nothing about the model (a run's layout), skipped when a title is made from a path.
 _GENERIC_FOLDERS = re.compile(r"^(final|run|runs|output|outputs|merged|checkpoint(-\d+)?|\.)$")
@@ -135,7 +135,7 @@ def chat_turn(model, processor, image, question: str, history: list | None, tili
 
 def example_inputs(folder: str | os.PathLike, count: int = 3, max_expressions: int = 3) -> list[tuple[str, str]]:
     """Example inputs for the Segment tab that work offline: `count` synthetic shape scenes (held-out draws of the
-    scenes `mllmseg quickstart` trains on, at 336 x 336) written as PNGs into `folder`, each with up to
+    scenes the shipped tiny base was pretrained on, 224 x 224) written as PNGs into `folder`, each with up to
     `max_expressions` expressions the generator resolved against that scene (by colour, shape, position, size or
     count; some may name several shapes, or none, which the model should answer with [REJ]). Returns `[(image path, "expression; expression"), ...]`; the same scenes every time."""
     from PIL import Image
@@ -143,7 +143,7 @@ def example_inputs(folder: str | os.PathLike, count: int = 3, max_expressions: i
     from .data.synthetic import SyntheticReferringDataset
     from .training.recipes import synthetic_scene_kwargs
 
-    kwargs = {**synthetic_scene_kwargs("tiny"), "image_size": (336, 336)}
+    kwargs = synthetic_scene_kwargs("tiny_base")
     scenes = SyntheticReferringDataset(count, seed=0, split="demo", **kwargs)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -70,11 +70,13 @@ def tiny_config(
     text_width: int = 64,
     vision_layers: int = 2,
     text_layers: int = 2,
+    vision_heads: int | None = None,
     **overrides,
 ) -> MLLMSegConfig:
     """A small random MLLMSeg config whose token ids come from `tokenizer`.
 
     `text_model_type` is any transformers causal LM type with the usual fields ("qwen2", "llama", ...).
+    `vision_heads`: the ViT's attention heads (default one per 16 channels, at least 2).
     """
     heads = max(2, text_width // 16)
     text_config = {
@@ -94,7 +96,7 @@ def tiny_config(
     vision_config = InternVLVisionConfig(
         hidden_size=vision_width,
         num_hidden_layers=vision_layers,
-        num_attention_heads=max(2, vision_width // 16),
+        num_attention_heads=vision_heads or max(2, vision_width // 16),
         intermediate_size=2 * vision_width,
         image_size=image_size,
         patch_size=patch_size,

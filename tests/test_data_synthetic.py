@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mllmseg.data.synthetic import COLORS, SHAPES, SyntheticReferringDataset
+from mllmseg.data.synthetic import ALL_COLORS, COLORS, SHAPES, SyntheticReferringDataset
 
 NOUNS = {s: s for s in SHAPES} | {"shape": None}
-COLOR_RE = "|".join(COLORS)
+COLOR_RE = "|".join(ALL_COLORS)
 NOUN_RE = "|".join(NOUNS)
 SUPERLATIVES = {  # word -> (quantity, pick largest?)
     "leftmost": ("x", False), "rightmost": ("x", True), "topmost": ("y", False), "bottommost": ("y", True),
@@ -207,3 +207,71 @@ def test_every_expression_has_the_category_its_words_say():
             assert expr.category == expected, expr
             seen[expr.category] += 1
     assert set(seen) == set(CATEGORIES)
+
+
+def _stream_digest(ds):
+    h = hashlib.sha256()
+    for i in range(len(ds)):
+        sample = ds[i]
+        h.update(np.asarray(sample.image).tobytes())
+        for r in sample.referents:
+            h.update(r.text.encode())
+            h.update(np.packbits(r.mask).tobytes())
+    return h.hexdigest()
+
+
+def test_default_scenes_are_those_the_from_scratch_results_were_measured_on():
+    # Digest of these 20 samples computed with the generator before `colors` / `featured_color` existed (commit
+    # 9cc1ce6): the new options must not move the default random stream (README's from-scratch quickstart tables).
+    ds = SyntheticReferringDataset(20, seed=3, split="train", image_size=(112, 112), referents_per_image=5)
+    assert _stream_digest(ds) == "a85754c9dfad2f476be981d8f743aa72f183cea24832d857a5c5792b0c1d17d7"
+    explicit = SyntheticReferringDataset(20, seed=3, split="train", image_size=(112, 112), referents_per_image=5,
+                                         colors=tuple(COLORS))
+    assert _stream_digest(explicit) == _stream_digest(ds)
+
+
+def test_extra_colours_appear_only_when_asked_for():
+    extra = set(ALL_COLORS) - set(COLORS)
+    assert extra == {"cyan"}
+    ds = SyntheticReferringDataset(150, referents_per_image=5)
+    for i in range(len(ds)):
+        scene = ds.scene(i)
+        assert not extra & {o.color for o in scene.objects}
+        assert not any(extra & set(e.text.split()) for e in scene.expressions)
+
+
+def test_a_featured_colour_is_in_every_scene_and_every_expression():
+    colors = tuple(COLORS) + ("cyan",)
+    ds = SyntheticReferringDataset(80, colors=colors, featured_color="cyan", featured_prob=1.0,
+                                   referents_per_image=5, no_target_prob=0.2)
+    seen = Counter()
+    cyan = np.array(ALL_COLORS["cyan"])
+    for i in range(len(ds)):
+        scene, sample = ds.scene(i), ds[i]
+        assert scene.objects[0].color == "cyan"
+        # painted in its colour (within the noise), exactly where its label is
+        pixels = scene.image[scene.labels == scene.objects[0].label].astype(int)
+        assert np.abs(pixels - cyan).max() <= ds.noise
+        for expr, referent in zip(scene.expressions, sample.referents):
+            assert "cyan" in expr.text.split(), expr.text
+            labels = _expected_labels(expr.text, scene)
+            assert np.array_equal(referent.mask, np.isin(scene.labels, labels) & (scene.labels > 0))
+            seen[expr.category] += 1
+    # every kind of expression about the new colour occurs, including "the cyan star" where there is none
+    assert all(seen[c] > 0 for c in ("attribute", "position", "multi", "no_target")), seen
+
+
+def test_featured_probability_mixes_old_and_new_expressions():
+    ds = SyntheticReferringDataset(100, colors=tuple(COLORS) + ("cyan",), featured_color="cyan", featured_prob=0.5,
+                                   referents_per_image=4)
+    mentions = [("cyan" in e.text.split()) for i in range(len(ds)) for e in ds.scene(i).expressions]
+    assert 0.4 < np.mean(mentions) < 0.75  # half drawn about cyan, plus old-form ones that happen to name it
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    ({"colors": ("red", "teal")}, "teal"), ({"colors": ("red", "red")}, "distinct"), ({"colors": ()}, "distinct"),
+    ({"featured_color": "cyan"}, "cyan"), ({"colors": ("red", "cyan"), "featured_prob": 1.5}, "featured_prob"),
+])
+def test_bad_colour_arguments_name_the_problem(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        SyntheticReferringDataset(5, **kwargs)

@@ -208,8 +208,7 @@ def test_the_demo_offers_examples_that_load_and_segment(tiny, tmp_path, monkeypa
         segment, chat = components["segment-examples"], components["chat-examples"]
         assert [type(c).__name__ for c in segment._components] == ["Image", "Textbox"]
         assert [type(c).__name__ for c in chat._components] == ["Image", "Textbox"]
-        scenes = SyntheticReferringDataset(
-            3, seed=0, split="demo", **{**synthetic_scene_kwargs("tiny"), "image_size": (336, 336)})
+        scenes = SyntheticReferringDataset(3, seed=0, split="demo", **synthetic_scene_kwargs("tiny_base"))
         raw = segment.raw_samples
         assert len(raw) == 3 and len(segment.samples) == 3
         categories = set()
@@ -221,7 +220,7 @@ def test_the_demo_offers_examples_that_load_and_segment(tiny, tmp_path, monkeypa
             assert expressions == [r.text for r in scenes[k].referents][:3]
             categories |= {r.category for r in scenes[k].referents[:3]}
             overlay, rows, answer = segment_image(model, processor, path, text)
-            assert overlay.size[0] == 336 and [r[0] for r in rows] == expressions and isinstance(answer, str)
+            assert overlay.size[0] == 224 and [r[0] for r in rows] == expressions and isinstance(answer, str)
         assert len(categories) >= 3 and "no_target" in categories  # the examples also show [REJ]
         questions = [question for _, question in chat.raw_samples]
         assert questions == ["What shapes are in this image?", f"Please segment {split_expressions(raw[0][1])[0]}."]

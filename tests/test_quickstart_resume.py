@@ -1,5 +1,5 @@
-"""The quickstart keeps checkpoints: a run that was stopped resumes from its last checkpoint, a finished one is not
-trained again, and its overlays show the ground truth beside the prediction."""
+"""The from-scratch quickstart (`--from-scratch`) keeps checkpoints: a run that was stopped resumes from its last
+checkpoint, a finished one is not trained again, and its overlays show the ground truth beside the prediction."""
 import types
 
 from PIL import Image
@@ -12,7 +12,8 @@ FAST = ["model.tiny.image_size=56", "model.tiny.vision_width=32", "model.tiny.te
 
 
 def _args(out, steps):
-    return types.SimpleNamespace(output_dir=str(out), seed=0, steps=steps, eval_images=2, overlays=1, overrides=FAST)
+    return types.SimpleNamespace(output_dir=str(out), seed=0, steps=steps, eval_images=2, overlays=1, overrides=FAST,
+                                 from_scratch=True)
 
 
 def test_quickstart_resumes_and_does_not_retrain(tmp_path, capsys):

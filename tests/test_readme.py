@@ -14,7 +14,7 @@ Each block (except `text` blocks: folder trees, sample output) is preceded by a 
 * `<!-- walkthrough: not-run REASON -->`: cannot run here (a GPU, an install from the network, an upload).
 
 The walkthrough folder holds what the README assumes a user has: the checkpoint `bash dev.sh quickstart` writes
-(`mllmseg-quickstart/run/final`, here from a 20-step quickstart), two photos (`photo.jpg`, `photo.png`, from
+(`mllmseg-quickstart/final`, here from a quickstart whose fine-tune is cut to 4 steps), two photos (`photo.jpg`, `photo.png`, from
 scikit-image's data set) and a transformers-native InternVL base at `path/to/InternVL2_5-8B-hf` (tiny,
 `InternVLForConditionalGeneration` from transformers itself).
 """
@@ -146,10 +146,11 @@ def walkthrough(tmp_path_factory) -> Path:
     Image.fromarray(skimage_data.chelsea()).save(folder / "photo.jpg", quality=90)  # 451 x 300, one tile
     Image.fromarray(skimage_data.astronaut()).save(folder / "photo.png")  # 512 x 512
     _write_hf_base(folder / "path" / "to" / "InternVL2_5-8B-hf")
-    # What `bash dev.sh quickstart` leaves behind, in its layout (shortened from 6000 steps to 20).
-    subprocess.run([sys.executable, "-m", "mllmseg", "quickstart", "--steps", "20", "--eval-images", "4",
-                    "--overlays", "1"], cwd=folder, env=_env(), check=True, capture_output=True, text=True)
-    assert (folder / "mllmseg-quickstart" / "run" / "final" / "config.json").is_file()
+    # What `bash dev.sh quickstart` leaves behind, in its layout (its fine-tune shortened from 600 steps to 4).
+    subprocess.run([sys.executable, "-m", "mllmseg", "quickstart", "--steps", "4", "--eval-images", "2",
+                    "--concept-images", "2", "--train-images", "8", "--overlays", "1", "training.save_steps=2"],
+                   cwd=folder, env=_env(), check=True, capture_output=True, text=True)
+    assert (folder / "mllmseg-quickstart" / "final" / "config.json").is_file()
     return folder
 
 

@@ -145,6 +145,21 @@ def test_card_training_section_comes_from_the_run(trained_run, tmp_path):
     assert "datasets:" not in card.split("---")[1]  # synthetic data has no Hub id
 
 
+def test_the_runs_summary_is_found_whatever_folder_the_run_was_started_from(tmp_path, monkeypatch):
+    """`train_summary.json` records `final` as the run was given it: relative to the folder the run started in
+    (`mllmseg train tiny_base` -> "outputs/tiny_base/final"). From any other folder it is still the run's."""
+    from mllmseg.hub.release import find_training_summary
+
+    run = tmp_path / "outputs" / "tiny_base"
+    (run / "final").mkdir(parents=True)
+    (run / "train_summary.json").write_text(json.dumps({"final": "outputs/tiny_base/final", "recipe": {}}))
+    (run / "other").mkdir()
+    for cwd in (tmp_path, run, tmp_path / "outputs"):
+        monkeypatch.chdir(cwd)
+        assert find_training_summary(run / "final") == (run / "train_summary.json").resolve()
+        assert find_training_summary(run / "other") is None  # a sibling folder is not the run's final
+
+
 def test_verify_reports_keys_and_blocks_the_package(dry_run, tmp_path):
     """The verifier itself: a fresh interpreter that cannot import mllmseg, and key checks."""
     _, out = dry_run

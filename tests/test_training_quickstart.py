@@ -1,5 +1,5 @@
-"""`mllmseg quickstart`, shortened (1000 of its 6000 steps): trains, evaluates on held-out images, saves + reloads
-remote code, writes overlays and metrics; learning is asserted on held-out cIoU against the same model untrained.
+"""`mllmseg quickstart --from-scratch`, shortened (1000 of its 6000 steps): trains, evaluates on held-out images,
+saves + reloads remote code, writes overlays and metrics; learning is asserted on held-out cIoU against the same model untrained.
 
 Thresholded masks appear late: at the tiny recipe's settings, 600 steps still give a held-out cIoU near 0 and 1000
 steps about 0.55 (see the README's quickstart section), so this is the shortest run that shows segmentation."""
@@ -24,7 +24,7 @@ EVAL_IMAGES = 24
 
 def test_quickstart_learns(tmp_path):
     args = types.SimpleNamespace(output_dir=str(tmp_path / "qs"), seed=0, steps=STEPS, eval_images=EVAL_IMAGES,
-                                 overlays=2, overrides=["training.logging_steps=100"])
+                                 from_scratch=True, overlays=2, overrides=["training.logging_steps=100"])
     assert quickstart.run(args) == 0
     report = json.loads((tmp_path / "qs" / "metrics.json").read_text())
     assert report["steps"] == STEPS and report["eval_images"] == EVAL_IMAGES

@@ -13,10 +13,10 @@ def register(subparsers) -> None:
         description="Serves a Gradio app for MODEL on http://HOST:PORT: a Segment tab (upload an image, type "
         "expressions, see the overlay and a table of boxes, scores and [REJ] flags) and a Chat tab. Local only: no "
         "share link, analytics off. Needs gradio: pip install 'mllmseg[demo]'.",
-        epilog="example: mllmseg demo mllmseg-quickstart/run/final --port 7860",
+        epilog="example: mllmseg demo mllmseg-quickstart/final --port 7860",
     )
     parser.add_argument("model", metavar="MODEL", nargs="?",
-                        help="checkpoint folder, LoRA adapter folder or Hub id (default: ./mllmseg-quickstart/run/final, made by "
+                        help="checkpoint folder, LoRA adapter folder or Hub id (default: ./mllmseg-quickstart/final, made by "
                         "`bash dev.sh quickstart`)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 exposes it to the "

@@ -46,7 +46,10 @@ def register(subparsers) -> None:
     parser.add_argument("--predictions", action="store_true", help="also write per-expression predictions (JSONL, RLE)")
     parser.add_argument("--num-images", type=int, default=16, help="synthetic: number of images")
     parser.add_argument("--seed", type=int, default=0, help="synthetic: seed")
-    parser.add_argument("--image-size", type=int, help="synthetic: square image side (default: the tiny recipe's)")
+    parser.add_argument("--scenes", default="tiny", metavar="RECIPE",
+                        help="synthetic: the recipe whose scenes to draw (default tiny, the from-scratch quickstart's; "
+                        "tiny_base for the shipped pretrained base and the quickstart's fine-tuned model)")
+    parser.add_argument("--image-size", type=int, help="synthetic: square image side (default: the --scenes recipe's)")
     parser.add_argument("--skip-bad-records", action="store_true",
                         help="leave out annotation records that cannot be used (counted and written to the results) "
                         "instead of stopping at the first; the metrics then cover the remaining expressions only")
@@ -59,7 +62,7 @@ def build_dataset(args):
 
         from ..training.recipes import synthetic_scene_kwargs
 
-        kwargs = synthetic_scene_kwargs("tiny")  # what the quickstart trains on, drawn from a held-out split
+        kwargs = synthetic_scene_kwargs(args.scenes)  # what that recipe trains on, drawn from a held-out split
         if args.image_size:
             kwargs["image_size"] = (args.image_size, args.image_size)
         split = args.split or "validation"

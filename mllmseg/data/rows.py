@@ -232,4 +232,47 @@ def _open_file(path: Path, where: str) -> Image.Image:
     return to_rgb(_open(path, where), str(path))
 
 
-__all__ = ["BadRowError", "ReferringRowsDataset", "read_jsonl"]
+def write_rows_folder(samples, folder: Union[str, Path], progress: bool = False) -> Path:
+    """Write ``samples`` (any sequence of :class:`ReferringSample`) as a rows folder this module reads back:
+    ``images/NNNNNN.png``, one ``masks/NNNNNN_K.png`` per targeted expression and ``metadata.jsonl`` (``file_name``,
+    ``expression``, ``mask`` (null for no target), ``image_id``). The folder is written beside its final place and
+    renamed into it, so an interrupted write leaves no half folder; an existing ``folder`` is refused.
+
+    Categories are not stored (the format has no column for them). Returns the folder."""
+    import os
+    import shutil
+    import tempfile
+
+    folder = Path(folder)
+    if folder.exists():
+        raise FileExistsError(f"rows folder {folder} already exists; remove it or choose another")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        (staging / "images").mkdir()
+        (staging / "masks").mkdir()
+        items = samples
+        if progress:
+            from tqdm.auto import tqdm
+
+            items = tqdm(samples, desc=f"writing {folder.name}", unit="image")
+        with (staging / METADATA_FILE).open("w", encoding="utf-8") as meta:
+            for i, sample in enumerate(items):
+                name = f"images/{i:06d}.png"
+                sample.image.save(staging / name)
+                for k, referent in enumerate(sample.referents):
+                    mask_name = None
+                    if not referent.no_target:
+                        mask_name = f"masks/{i:06d}_{k}.png"
+                        Image.fromarray(np.asarray(referent.mask, dtype=np.uint8) * 255).save(staging / mask_name)
+                    row = {"file_name": name, "expression": referent.text, "mask": mask_name,
+                           "image_id": str(sample.image_id)}
+                    meta.write(json.dumps(row) + "\n")
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+__all__ = ["BadRowError", "ReferringRowsDataset", "read_jsonl", "write_rows_folder"]

@@ -45,6 +45,12 @@ COLORS: Dict[str, Tuple[int, int, int]] = {
     "purple": (150, 60, 200),
     "orange": (250, 140, 30),
 }
+# Colours a scene may be asked to use (``colors=``) but the default scenes never draw: the quickstart fine-tunes the
+# pretrained tiny model on one of them, a concept it has never seen (``mllmseg.quickstart_finetune``).
+EXTRA_COLORS: Dict[str, Tuple[int, int, int]] = {
+    "cyan": (30, 200, 210),
+}
+ALL_COLORS: Dict[str, Tuple[int, int, int]] = {**COLORS, **EXTRA_COLORS}
 SHAPES: Tuple[str, ...] = ("circle", "square", "triangle", "star")
 BACKGROUNDS: Tuple[str, ...] = ("plain", "gradient", "stripes")
 
@@ -134,6 +140,10 @@ class SyntheticReferringDataset:
         position_margin: minimum gap, as a fraction of the image side, between the extreme centre and the next
             one for "leftmost"-style expressions.
         size_ratio: minimum area ratio between the extreme object and the next for "biggest" / "smallest".
+        colors: the colour words scenes draw from (default: the six of ``COLORS``; ``EXTRA_COLORS`` adds others).
+        featured_color: a colour of ``colors`` that every scene's first shape wears; each expression then mentions
+            it with probability ``featured_prob`` (when the scene offers such an expression). For data about one
+            concept: the quickstart's fine-tuning set (``featured_prob`` 0.5) and its held-out set (1.0).
 
     Each item is a :class:`~mllmseg.data.records.ReferringSample` with the RGB image and one
     :class:`~mllmseg.data.records.Referent` per expression (mask bool ``[H, W]``, box xyxy of the mask).
@@ -154,6 +164,9 @@ class SyntheticReferringDataset:
         noise: int = 6,
         position_margin: float = 0.08,
         size_ratio: float = 1.3,
+        colors: Optional[Sequence[str]] = None,
+        featured_color: Optional[str] = None,
+        featured_prob: float = 1.0,
     ):
         if num_images < 0:
             raise ValueError(f"num_images must be >= 0, got {num_images}")
@@ -167,6 +180,16 @@ class SyntheticReferringDataset:
             raise ValueError("no_target_prob and multi_target_prob must be >= 0 and sum to at most 1")
         if not 0 < size_range[0] <= size_range[1] < 0.5:
             raise ValueError(f"size_range must satisfy 0 < low <= high < 0.5, got {size_range}")
+        self.colors = tuple(COLORS) if colors is None else tuple(colors)
+        unknown = [c for c in self.colors if c not in ALL_COLORS]
+        if unknown or not self.colors or len(set(self.colors)) != len(self.colors):
+            raise ValueError(f"colors must be distinct names among {sorted(ALL_COLORS)}, got {list(self.colors)}")
+        if featured_color is not None and featured_color not in self.colors:
+            raise ValueError(f"featured_color {featured_color!r} is not one of colors {list(self.colors)}")
+        if not 0 <= featured_prob <= 1:
+            raise ValueError(f"featured_prob must be in [0, 1], got {featured_prob}")
+        self.featured_color = featured_color
+        self.featured_prob = float(featured_prob)
         self.num_images = int(num_images)
         self.seed = int(seed)
         self.split = split
@@ -182,7 +205,7 @@ class SyntheticReferringDataset:
         self.size_ratio = size_ratio
         # crc32, not hash(): str hashes are salted per process, and samples must agree across workers.
         self._split_key = zlib.crc32(split.encode("utf-8"))
-        self._palette = np.array([(0, 0, 0)] + list(COLORS.values()), dtype=np.uint8)  # index 0: unused
+        self._palette = np.array([(0, 0, 0)] + [ALL_COLORS[c] for c in self.colors], dtype=np.uint8)  # index 0: unused
 
     def __len__(self) -> int:
         return self.num_images
@@ -223,7 +246,7 @@ class SyntheticReferringDataset:
         # Paint shapes from the label map itself, so image and masks cannot disagree.
         color_of_label = np.zeros(len(objects) + 1, dtype=np.int64)
         for obj in objects:
-            color_of_label[obj.label] = list(COLORS).index(obj.color) + 1
+            color_of_label[obj.label] = self.colors.index(obj.color) + 1
         image[fg] = self._palette[color_of_label[labels[fg]]]
         if self.noise > 0:
             # One luminance offset per pixel (broadcast over channels), added in uint8 after clamping into
@@ -274,9 +297,11 @@ class SyntheticReferringDataset:
         side = min(height, width)
         count = int(rng.integers(self.min_objects, self.max_objects + 1))
         placed = []  # (shape, color, cx, cy, size, angle, extent)
-        for _ in range(count):
+        for k in range(count):
             shape = SHAPES[rng.integers(len(SHAPES))]
-            color = list(COLORS)[rng.integers(len(COLORS))]
+            color = self.colors[rng.integers(len(self.colors))]
+            if k == 0 and self.featured_color is not None:
+                color = self.featured_color
             size = rng.uniform(*self.size_range) * side
             for attempt in range(40):
                 # Crowded scene: shrink the shape every 10 misses (not below the smallest size) so it fits.
@@ -315,7 +340,7 @@ class SyntheticReferringDataset:
         """Every unambiguous expression the scene offers, by kind."""
         height, width = self.image_size
         out: Dict[str, List[SyntheticExpression]] = {"attribute": [], "relation": [], "multi": [], "no_target": []}
-        for color in (None,) + tuple(COLORS):
+        for color in (None,) + self.colors:
             for shape in (None,) + SHAPES:
                 match = tuple(i for i, o in enumerate(objects)
                               if (color is None or o.color == color) and (shape is None or o.shape == shape))
@@ -358,6 +383,12 @@ class SyntheticReferringDataset:
         used = set()
         enabled = {"single": True, "multi": self.multi_target_prob > 0, "no_target": self.no_target_prob > 0}
         for _ in range(self.referents_per_image):
+            pools_now = pools
+            if self.featured_color is not None and rng.random() < self.featured_prob:
+                featured = {g: [e for e in options if self.featured_color in e.text.split()]
+                            for g, options in pools.items()}
+                if any(e.text not in used for options in featured.values() for e in options):
+                    pools_now = featured
             u = rng.random()
             if u < self.no_target_prob:
                 primary = "no_target"
@@ -371,13 +402,13 @@ class SyntheticReferringDataset:
             for kind in order:
                 if kind == "single":
                     # Choose attribute vs relation first, so that relational expressions are not swamped.
-                    groups = [g for g in ("attribute", "relation") if any(e.text not in used for e in pools[g])]
+                    groups = [g for g in ("attribute", "relation") if any(e.text not in used for e in pools_now[g])]
                     if not groups:
                         continue
                     group = groups[rng.integers(len(groups))]
                 else:
                     group = kind
-                options = [e for e in pools[group] if e.text not in used]
+                options = [e for e in pools_now[group] if e.text not in used]
                 if options:
                     expr = options[rng.integers(len(options))]
                     chosen.append(expr)

@@ -249,7 +249,10 @@ def find_training_summary(model_dir: Path) -> Path | None:
     parent = model_dir.parent / "train_summary.json"
     if parent.is_file():
         final = _read_json(parent).get("final")
-        if final and (model_dir.parent / final).resolve() in (model_dir, Path(final).resolve()):
+        # `final` is the path the run was given (relative to the folder it ran in, or absolute), so from another
+        # folder it may resolve elsewhere: beside this summary, a folder of that name is the run's.
+        if final and model_dir in ((model_dir.parent / final).resolve(), Path(final).resolve(),
+                                   (model_dir.parent / Path(final).name).resolve()):
             return parent
     return None
 

@@ -421,12 +421,13 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
         """Per-(`[SEG]`, tile) maps `(rows_total, R, R)`, tiles in row-major order -> per sample
         `(num_seg_b, rows * R, cols * R)` on the tile canvas."""
         size = logits.shape[-1]
-        out, cursor = [], 0
-        for (rows, cols), count in zip(grids, seg_counts):
-            n = count * rows * cols
-            chunk = logits[cursor : cursor + n].view(count, rows, cols, size, size)
+        # One split, not a slice per sample: the backward of B slices writes B zero tensors the size of `logits`
+        # (measured: a third of a tiny 224 px training step at batch 8), a split's backward one concatenation.
+        lengths = [count * rows * cols for (rows, cols), count in zip(grids, seg_counts)]
+        out = []
+        for chunk, (rows, cols), count in zip(logits.split(lengths), grids, seg_counts):
+            chunk = chunk.view(count, rows, cols, size, size)
             out.append(chunk.permute(0, 1, 3, 2, 4).reshape(count, rows * size, cols * size))
-            cursor += n
         return out
 
     # ------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+../../remote_code/compat_mllmseg.py

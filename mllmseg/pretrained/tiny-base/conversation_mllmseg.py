@@ -1,0 +1,1 @@
+../../remote_code/conversation_mllmseg.py

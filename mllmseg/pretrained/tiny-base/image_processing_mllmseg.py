@@ -1,0 +1,1 @@
+../../remote_code/image_processing_mllmseg.py

@@ -1,0 +1,1 @@
+../../remote_code/inference_mllmseg.py

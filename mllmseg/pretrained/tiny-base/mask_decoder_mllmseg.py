@@ -1,0 +1,1 @@
+../../remote_code/mask_decoder_mllmseg.py

@@ -1,0 +1,1 @@
+../../remote_code/modeling_mllmseg.py

@@ -1,0 +1,1 @@
+../../remote_code/pipeline_mllmseg.py

@@ -1,0 +1,1 @@
+../../remote_code/processing_mllmseg.py

@@ -1,0 +1,1 @@
+../../remote_code/self1e_head_mllmseg.py
