@@ -9,11 +9,12 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    # recipes/ and hub_cards/ hold only data files; listed so setuptools packages them without warnings.
-    packages=find_packages(include=["mllmseg", "mllmseg.*"]) + ["mllmseg.recipes", "mllmseg.hub_cards"],
+    # recipes/, hub_cards/ and pretrained/ hold only data files; listed so setuptools packages them without warnings.
+    packages=find_packages(include=["mllmseg", "mllmseg.*"]) + ["mllmseg.recipes", "mllmseg.hub_cards", "mllmseg.pretrained"],
     include_package_data=True,
     # pretrained/tiny-base: the quickstart's shipped checkpoint (weights, remote code, tokenizer, card).
-    package_data={"mllmseg": ["recipes/*.yaml", "recipes/*.json", "hub_cards/*.md", "pretrained/tiny-base/*"]},
+    package_data={"mllmseg": ["recipes/*.yaml", "recipes/*.json", "hub_cards/*.md"],
+                  "mllmseg.pretrained": ["tiny-base/*"]},
     # The ranges CI proves: the whole suite runs on requirements/lock.txt, on the newest releases these ranges allow
     # and on their lower bounds (requirements/oldest.txt); see README, "Versions".
     install_requires=[

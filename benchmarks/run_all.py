@@ -1,6 +1,6 @@
 """Run every benchmark, one after the other, each in its own process, and print a summary of the ratios.
 
-    .venv/bin/python benchmarks/run_all.py            # the figures of benchmarks/RESULTS.md (about 25 minutes on 2 cores)
+    .venv/bin/python benchmarks/run_all.py            # the figures of benchmarks/RESULTS.md (about 25 minutes on 2 cores, plus about 12 for quickstart_targets)
     .venv/bin/python benchmarks/run_all.py --quick    # smaller models, fewer repeats (about 5-6 minutes)
     .venv/bin/python benchmarks/run_all.py --only packed generate
 

@@ -122,8 +122,9 @@ def build_tiny_model(
     zeros (recipe key `model.tiny.sincos_positions`). A real InternViT arrives pretrained, with position embeddings
     that already say where each patch is; a random tiny ViT must learn them from the mask loss alone, and from zeros
     its features hardly encode position (a linear probe reads the patch column with R^2 0.24, against 0.91 from the
-    sin-cos start). Off by default: it did not dependably improve the quickstart (README, "What the quickstart
-    does"), and random test models built with it give masks that barely depend on the expression.
+    sin-cos start). Off by default: it did not dependably improve the from-scratch quickstart (README, "From scratch:
+    the first quickstart"), and random test models built with it give masks that barely depend on the expression.
+    The `tiny_base` recipe (the shipped pretrained base) turns it on.
     """
     tokenizer = tokenizer or build_tiny_tokenizer()
     torch.manual_seed(seed)
