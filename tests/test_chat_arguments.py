@@ -128,3 +128,20 @@ def test_good_arguments_still_chat(setup):
                             num_patches_list=torch.tensor([2, 1])) == answers
     with pytest.raises(TypeError, match=r"num_patches_list must be a list of tile counts, one per image, got Tensor"):
         model.batch_chat(proc, tiles(3), ["What is it?", "And this?"], GEN, num_patches_list=torch.tensor([2.0, 1.0]))
+
+
+def test_a_multi_tile_chat_whose_history_holds_a_seg_continues(setup):
+    """Seen with `mllmseg chat` on a 7-tile photo: the first answer held `[SEG]`, and the second turn stopped with
+    "pass tile_grids" because generate()'s prefill decoded masks for the history's `[SEG]` (which generate() never
+    returns). Now the turn runs, and a plain forward (no cache) still predicts the masks of its `[SEG]`."""
+    model, proc = setup
+    history = [("<image>\nDescribe the image.", "Sure, it is [SEG].")]
+    answer, new_history = model.chat(proc, tiles(7), "Please segment the red circle.", GEN, history=history,
+                                     return_history=True)
+    assert isinstance(answer, str) and new_history[:1] == history
+    # A plain forward (no cache) over the same kind of prompt still predicts the masks of its [SEG].
+    seg = proc.tokenizer.convert_tokens_to_ids("[SEG]")
+    batch = proc(images=[tiles(1)[0].permute(1, 2, 0).mul(40).add(120).clamp(0, 255).byte().numpy()],
+                 text=["What is the red circle in this image?"], answers=["Sure, it is [SEG]."], tiling="single")
+    out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+    assert int((batch["input_ids"] == seg).sum()) == 1 and out.pred_masks[0].shape[0] == 1

@@ -509,8 +509,8 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
             num_tiles, original_sizes (*optional*): the processor's bookkeeping, accepted and unused, so that
                 `model(**processor(...))` and `model.generate(**processor(...))` work (post-processing reads them).
 
-        Masks are predicted when the sequence holds both the image and `[SEG]` tokens (a full forward, not a cached
-        generation step).
+        Masks are predicted when the sequence holds both the image and `[SEG]` tokens and no cache is passed (a full
+        forward, not a `generate()` call).
         """
         cache = pop_cache(kwargs, past_key_values)
         first_step = cache is None or cache.get_seq_length() == 0
@@ -550,9 +550,12 @@ class MLLMSegForConditionalGeneration(MLLMSegInferenceMixin, MLLMSegPreTrainedMo
         hidden = outputs.last_hidden_state
         logits, seg_logits, seg_sample = self.head_logits(input_ids, hidden, logits_to_keep, has_seg)
 
-        # 3. Masks, one per [SEG] (SELF1E: from a second pass with the dual-perception mask).
+        # 3. Masks, one per [SEG] (SELF1E: from a second pass with the dual-perception mask). Not inside generate()
+        # (a cache is passed): it returns no masks, so those of a prompt's [SEG] (a chat history's answer) were wasted
+        # work, and without `tile_grids` they stopped a multi-tile chat (masks of generated [SEG] come from
+        # `chat(..., return_masks=True)` / `compute_sequence_masks`).
         pred_masks = low_res_masks = None
-        if has_seg and tiles is not None:
+        if has_seg and tiles is not None and cache is None:
             mask_states = (
                 self.dual_perception_states(input_ids, attention_mask, position_ids, image_outputs)
                 if dual_pass
