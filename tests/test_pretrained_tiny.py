@@ -36,10 +36,19 @@ def test_it_gives_its_recorded_metrics_on_the_fixed_held_out_set(base):
     recorded = read_recorded_metrics()
     assert recorded["set"] == RECORDED_SET
     now = recorded_metrics(model, processor)
-    # deterministic: the same counts, so the same floats (after a change to the remote code that moves them, run
-    # `python benchmarks/ship_tiny_base.py --refresh` and say why in the commit)
-    assert now["metrics"] == recorded["metrics"]
-    assert now["metrics_by_category"] == recorded["metrics_by_category"]
+    # Deterministic: with the transformers release it was recorded with (the lock), the same counts, so the same
+    # floats (after a change to the remote code that moves them, run `python benchmarks/ship_tiny_base.py --refresh`
+    # and say why in the commit). Another release may sum attention in another order: transformers 5.18 moves 28 of
+    # 309,454 union pixels; every [SEG] / [REJ] decision stays the same.
+    if now["transformers"] == recorded["transformers"]:
+        assert now["metrics"] == recorded["metrics"]
+        assert now["metrics_by_category"] == recorded["metrics_by_category"]
+    else:
+        for key in ("N-acc", "T-acc", "n_expressions", "n_no_target", "n_targeted"):
+            assert now["metrics"].get(key) == recorded["metrics"].get(key), key
+        assert abs(now["metrics"]["U_sum"] - recorded["metrics"]["U_sum"]) <= 1e-3 * recorded["metrics"]["U_sum"]
+        assert abs(now["metrics"]["I_sum"] - recorded["metrics"]["I_sum"]) <= 1e-3 * recorded["metrics"]["U_sum"]
+        assert abs(now["metrics"]["cIoU"] - recorded["metrics"]["cIoU"]) <= 1e-3
     # and it has learnt something: the recorded numbers are those of a model that segments
     assert recorded["metrics"]["cIoU"] > 0.5
 
