@@ -382,11 +382,12 @@ class SyntheticReferringDataset:
         chosen: List[SyntheticExpression] = []
         used = set()
         enabled = {"single": True, "multi": self.multi_target_prob > 0, "no_target": self.no_target_prob > 0}
+        featured = None
+        if self.featured_color is not None:  # the expressions that mention the featured colour, by kind
+            featured = {g: [e for e in options if self.featured_color in e.text.split()] for g, options in pools.items()}
         for _ in range(self.referents_per_image):
             pools_now = pools
-            if self.featured_color is not None and rng.random() < self.featured_prob:
-                featured = {g: [e for e in options if self.featured_color in e.text.split()]
-                            for g, options in pools.items()}
+            if featured is not None and rng.random() < self.featured_prob:
                 if any(e.text not in used for options in featured.values() for e in options):
                     pools_now = featured
             u = rng.random()
