@@ -172,3 +172,35 @@ def test_checkpoints_store_the_base_as_final_does(tmp_path):
         assert config["base_model_name_or_path"] == "../base-model", folder
         card = (folder / "README.md").read_text()
         assert "[More Information Needed]" not in card and "`../base-model` (relative to this folder)" in card
+
+
+def test_a_failed_merge_leaves_the_previous_merge_whole(lora_run):
+    """The processor is loaded after the weights are merged; an adapter folder whose tokenizer config is broken used
+    to leave `out_dir` with new weights and no processor. Now the old folder stays as it was, and nothing else."""
+    import hashlib
+
+    from mllmseg.training.merge import merge_adapter_checkpoint
+
+    out = lora_run["out"] / "remerge"
+    out.mkdir()
+    merged = out / "merged"
+    shutil.copytree(lora_run["out"] / "merged", merged)  # the fixture's bfloat16 merge
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in merged.iterdir()}
+    broken = lora_run["run"] / "final-broken"  # beside final/, so its relative base path still resolves
+    shutil.copytree(lora_run["final"], broken)
+    (broken / "tokenizer_config.json").write_text("{ not json")
+    try:
+        with pytest.raises(Exception) as failure:
+            merge_adapter_checkpoint(broken, merged)
+        assert not isinstance(failure.value, (ImportError, NameError, AttributeError))  # the broken file, not us
+        after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in merged.iterdir()}
+        assert after == before
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no staging left behind
+        # a merge that succeeds replaces the folder whole: float32 ("auto": the base's dtype) instead of bfloat16
+        merge_adapter_checkpoint(lora_run["final"], merged)
+        assert json.loads((merged / "config.json").read_text())["dtype"] == "float32"
+        assert (merged / "tokenizer_config.json").is_file() and (merged / "processor_config.json").is_file()
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    finally:
+        shutil.rmtree(broken, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)

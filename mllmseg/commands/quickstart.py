@@ -159,19 +159,6 @@ def _print_evaluation(title: str, evaluation: dict) -> None:
         print(f"  {name:9s} ({m['n_expressions']:3d} expressions): {shown}")
 
 
-def _merge_into(adapter_dir: Path, out_dir: Path) -> Path:
-    """Merge into a staging folder beside `out_dir`, then put it in place (a killed merge leaves no half folder)."""
-    from ..training.merge import merge_adapter_checkpoint
-
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    merge_adapter_checkpoint(adapter_dir, staging)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
-    return out_dir
-
-
 def _reload_in_fresh_process(folder: Path, image: Path, expressions: list[str], out: Path) -> tuple[str, dict]:
     """Segment `image` with `folder` loaded by `AutoModel` / `AutoProcessor` in a new interpreter: (its model class,
     `{"masks", "rejected"}`)."""
@@ -195,6 +182,7 @@ def run(args) -> int:
 
     from ..hub.release import assemble_release, verify_release
     from ..loading import load_model
+    from ..training.merge import merge_adapter_checkpoint
     from ..quickstart import (NEW_CONCEPT, before_after_table, evaluate_scenes, finetune_on_concept, format_metrics,
                               heldout_scenes, tiny_base_path)
 
@@ -241,7 +229,7 @@ def run(args) -> int:
 
     # 4. merge, reload in a fresh process, release dry run
     start = time.time()
-    final = _merge_into(adapter, out / "final")
+    final = merge_adapter_checkpoint(adapter, out / "final")
     print(f"[4/4] merged {adapter} into {final}; reloading it in a fresh process", flush=True)
     sample = new_set[0]
     image_path = out / "overlays" / "reload_input.png"

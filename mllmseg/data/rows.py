@@ -239,16 +239,12 @@ def write_rows_folder(samples, folder: Union[str, Path], progress: bool = False)
     renamed into it, so an interrupted write leaves no half folder; an existing ``folder`` is refused.
 
     Categories are not stored (the format has no column for them). Returns the folder."""
-    import os
-    import shutil
-    import tempfile
+    from ..atomic import staged_folder
 
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"rows folder {folder} already exists; remove it or choose another")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with staged_folder(folder) as staging:
         (staging / "images").mkdir()
         (staging / "masks").mkdir()
         items = samples
@@ -268,10 +264,6 @@ def write_rows_folder(samples, folder: Union[str, Path], progress: bool = False)
                     row = {"file_name": name, "expression": referent.text, "mask": mask_name,
                            "image_id": str(sample.image_id)}
                     meta.write(json.dumps(row) + "\n")
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return folder
 
 

@@ -76,7 +76,12 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype=N
 
 def merge_adapter_checkpoint(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None, dtype=None) -> Path:
     """Write `out_dir`: merged weights (`save_pretrained`, remote code) in `dtype` ("auto": the base's) + the
-    processor (from the adapter folder, else from the base)."""
+    processor (from the adapter folder, else from the base).
+
+    Everything is loaded first and written into a staging folder beside `out_dir`, which then takes its place: a
+    merge that fails (an unreadable processor, a full disk) or is killed leaves `out_dir` as it was (absent, or the
+    previous merge whole), never weights without a processor. An existing `out_dir` is replaced."""
+    from ..atomic import staged_folder
     from ..remote_code.processing_mllmseg import MLLMSegProcessor
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
@@ -84,9 +89,11 @@ def merge_adapter_checkpoint(adapter_dir: str | Path, out_dir: str | Path, base:
     merged = load_adapter_model(adapter_dir, base, dtype=dtype).merge_and_unload()
     if torch_dtype(dtype) != "auto":
         merged = merged.to(torch_dtype(dtype))  # adapter-side modules (trainable token rows, ...) too
-    merged.save_pretrained(out_dir)
     has_processor = any((adapter_dir / name).is_file() for name in ("processor_config.json", "tokenizer_config.json"))
-    MLLMSegProcessor.from_pretrained(str(adapter_dir if has_processor else base)).save_pretrained(out_dir)
+    processor = MLLMSegProcessor.from_pretrained(str(adapter_dir if has_processor else base))
+    with staged_folder(out_dir, replace=True) as staging:
+        merged.save_pretrained(staging)
+        processor.save_pretrained(staging)
     return out_dir
 
 
